@@ -1,0 +1,3 @@
+module ringdns/perf/testdns
+
+go 1.19
