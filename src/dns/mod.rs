@@ -1,0 +1,522 @@
+//! DNS messages: parse queries, classify upstream answers, build replies in place.
+//!
+//! Runs on: any (pure).
+//!
+//! This is the only module that imports `domain`. Queries are read straight from the receive
+//! buffer ([`Query`] borrows it); replies are written into a caller-provided scratch buffer. No
+//! function here allocates except [`Answer::from_upstream`] and [`upstream_query`], which run on
+//! the miss path.
+#![forbid(unsafe_code)]
+
+pub mod wire;
+
+use domain::base::iana::{Opcode, Rcode};
+use domain::base::{Header, HeaderCounts, Message};
+
+use wire::{HEADER_LEN, NAME_MAX, TYPE_OPT, TYPE_SOA};
+
+/// UDP payload a client without EDNS may receive (RFC 1035 §4.2.1).
+pub const CLASSIC_UDP_PAYLOAD: u16 = 512;
+
+/// Bytes of an OPT record with no options: root name, type, class, TTL, RDLENGTH.
+pub const OPT_LEN: usize = 11;
+
+/// Extended rcode BADVERS (RFC 6891 §9): its upper 8 bits go in the OPT TTL.
+const BADVERS_UPPER: u8 = 1;
+
+/// Longest cache key: qname + qtype + qclass + flags byte.
+pub const KEY_MAX: usize = NAME_MAX + 5;
+
+/// Bit in the key's flags byte: the client set DO (RFC 3225).
+const KEY_FLAG_DO: u8 = 1;
+
+/// Bit in the key's flags byte: the client set CD (RFC 4035 §3.2.2).
+const KEY_FLAG_CD: u8 = 2;
+
+/// The client's EDNS(0) parameters (RFC 6891 §6.1.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Edns {
+    /// Requestor's UDP payload size, already raised to at least 512 (RFC 6891 §6.2.5).
+    pub payload: u16,
+    /// EDNS version; anything but 0 gets BADVERS.
+    pub version: u8,
+    /// DNSSEC OK.
+    pub dnssec_ok: bool,
+}
+
+/// A parsed query, borrowing the receive buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct Query<'a> {
+    /// The whole datagram or TCP frame.
+    pub bytes: &'a [u8],
+    /// Message ID.
+    pub id: u16,
+    /// Recursion desired.
+    pub rd: bool,
+    /// Checking disabled.
+    pub cd: bool,
+    /// End of the question section (offset).
+    pub question_end: usize,
+    /// The question's wire-format name, in the client's letter case.
+    pub qname: &'a [u8],
+    /// QTYPE.
+    pub qtype: u16,
+    /// QCLASS.
+    pub qclass: u16,
+    /// OPT record parameters, if the query carried one.
+    pub edns: Option<Edns>,
+}
+
+/// Why a query gets no normal answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// Too short for a header: drop silently.
+    TooShort,
+    /// QR=1: a response sent to us; drop (answering could loop).
+    IsResponse,
+    /// Answer FORMERR (RFC 1035 §4.1.1): malformed question, QDCOUNT != 1, bad OPT.
+    FormErr,
+    /// Answer NOTIMP: opcode other than QUERY.
+    NotImp,
+    /// Answer BADVERS (RFC 6891 §6.1.3): EDNS version other than 0.
+    BadVers,
+}
+
+impl<'a> Query<'a> {
+    /// Parses a query. Never panics; does not allocate.
+    pub fn parse(bytes: &'a [u8]) -> Result<Query<'a>, Rejection> {
+        let message = Message::from_slice(bytes).map_err(|_| Rejection::TooShort)?;
+        let header = message.header();
+        if header.qr() {
+            return Err(Rejection::IsResponse);
+        }
+        if header.opcode() != Opcode::QUERY {
+            return Err(Rejection::NotImp);
+        }
+        let counts = message.header_counts();
+        if counts.qdcount() != 1 {
+            return Err(Rejection::FormErr);
+        }
+        let name_end = wire::uncompressed_name_end(bytes, HEADER_LEN).ok_or(Rejection::FormErr)?;
+        let qtype = wire::u16_at(bytes, name_end).ok_or(Rejection::FormErr)?;
+        let qclass = wire::u16_at(bytes, name_end + 2).ok_or(Rejection::FormErr)?;
+        let question_end = name_end + 4;
+        let edns = find_opt(bytes, question_end, counts)?;
+        let query = Query {
+            bytes,
+            id: header.id(),
+            rd: header.rd(),
+            cd: header.cd(),
+            question_end,
+            qname: bytes.get(HEADER_LEN..name_end).ok_or(Rejection::FormErr)?,
+            qtype,
+            qclass,
+            edns,
+        };
+        if edns.is_some_and(|edns| edns.version != 0) {
+            return Err(Rejection::BadVers);
+        }
+        Ok(query)
+    }
+
+    /// Writes the cache key into `out` and returns its length: lower-cased qname, qtype,
+    /// qclass, and a flags byte for DO and CD (answers differ with them, RFC 4035 §3.2).
+    pub fn key_into(&self, out: &mut [u8; KEY_MAX]) -> usize {
+        let name_len = wire::lowercase_into(self.qname, out)
+            .expect("qname is at most NAME_MAX bytes, checked by parse; out holds KEY_MAX");
+        let tail = &mut out[name_len..name_len + 5];
+        tail[..2].copy_from_slice(&self.qtype.to_be_bytes());
+        tail[2..4].copy_from_slice(&self.qclass.to_be_bytes());
+        let mut flags = 0;
+        if self.edns.is_some_and(|edns| edns.dnssec_ok) {
+            flags |= KEY_FLAG_DO;
+        }
+        if self.cd {
+            flags |= KEY_FLAG_CD;
+        }
+        tail[4] = flags;
+        name_len + 5
+    }
+
+    /// Largest UDP reply this client accepts: 512 without EDNS, else its payload size capped
+    /// at our own `limit` (RFC 6891 §6.2.5).
+    pub fn udp_limit(&self, limit: u16) -> usize {
+        match self.edns {
+            None => usize::from(CLASSIC_UDP_PAYLOAD),
+            Some(edns) => usize::from(edns.payload.min(limit).max(CLASSIC_UDP_PAYLOAD)),
+        }
+    }
+}
+
+/// Finds the OPT record in a query's additional section (answer and authority are skipped).
+fn find_opt(bytes: &[u8], mut at: usize, counts: HeaderCounts) -> Result<Option<Edns>, Rejection> {
+    let skipped = usize::from(counts.ancount()) + usize::from(counts.nscount());
+    for _ in 0..skipped {
+        at = wire::record_at(bytes, at).ok_or(Rejection::FormErr)?.end;
+    }
+    let mut edns = None;
+    for _ in 0..counts.arcount() {
+        let record = wire::record_at(bytes, at).ok_or(Rejection::FormErr)?;
+        if record.rtype == TYPE_OPT {
+            // RFC 6891 §6.1.1: more than one OPT, or one not owned by the root, is FORMERR.
+            if edns.is_some() || bytes.get(record.start) != Some(&0) {
+                return Err(Rejection::FormErr);
+            }
+            edns = Some(Edns {
+                payload: record.class.max(CLASSIC_UDP_PAYLOAD),
+                version: (record.ttl >> 16) as u8,
+                dnssec_ok: record.ttl & 0x8000 != 0,
+            });
+        }
+        at = record.end;
+    }
+    Ok(edns)
+}
+
+/// What kind of answer an upstream gave, for the cache (RFC 2308 §1, §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// NOERROR with answer records.
+    Success,
+    /// NXDOMAIN, or NOERROR with no answer records (NODATA).
+    Denial,
+    /// SERVFAIL (RFC 2308 §7.1).
+    ServFail,
+    /// Anything else (REFUSED, NOTIMP, TC=1 ...): passed to the client, never cached.
+    Other,
+}
+
+/// An answer ready to be replayed to many clients: the upstream message minus its OPT record,
+/// with the offsets of every TTL field so a hit can age them in place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// Header (ID 0), question (lower case) and records, no OPT.
+    message: Box<[u8]>,
+    /// Offsets of the TTL field of every record in `message`.
+    ttl_offsets: Box<[u16]>,
+    /// Seconds this answer may be served: min over its records (for denials, over the SOA
+    /// TTL and SOA MINIMUM too, RFC 2308 §5), before any cap.
+    ttl_secs: u32,
+    /// Classification for the cache.
+    kind: Kind,
+    /// Upper 8 bits of a 12-bit extended rcode from the upstream's OPT (RFC 6891 §6.1.3).
+    rcode_upper: u8,
+}
+
+/// Why an upstream answer cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadAnswer {
+    /// Not a parseable response.
+    Malformed,
+    /// The question differs from the one asked.
+    WrongQuestion,
+    /// The OPT record is not the last record (we strip it and cannot shift compression
+    /// pointers safely); no real server does this.
+    OptNotLast,
+    /// Longer than 65535 bytes.
+    TooLong,
+}
+
+impl Answer {
+    /// Validates an upstream answer for the question of `key` (as built by
+    /// [`Query::key_into`]) and prepares it for replay. Runs on the miss path; allocates.
+    pub fn from_upstream(bytes: &[u8], key: &[u8]) -> Result<Answer, BadAnswer> {
+        if bytes.len() > usize::from(u16::MAX) {
+            return Err(BadAnswer::TooLong);
+        }
+        let message = Message::from_slice(bytes).map_err(|_| BadAnswer::Malformed)?;
+        let header = message.header();
+        if !header.qr() {
+            return Err(BadAnswer::Malformed);
+        }
+        // Full structural validation by `domain`: every record's data must parse.
+        for section in [message.answer(), message.authority(), message.additional()] {
+            let section = section.map_err(|_| BadAnswer::Malformed)?;
+            for record in section {
+                record.map_err(|_| BadAnswer::Malformed)?;
+            }
+        }
+        let counts = message.header_counts();
+        if counts.qdcount() != 1 {
+            return Err(BadAnswer::WrongQuestion);
+        }
+        let name_end =
+            wire::uncompressed_name_end(bytes, HEADER_LEN).ok_or(BadAnswer::WrongQuestion)?;
+        let question_end = name_end + 4;
+        let question = bytes
+            .get(HEADER_LEN..question_end)
+            .ok_or(BadAnswer::Malformed)?;
+        let key_question = key.get(..key.len().saturating_sub(1));
+        if key_question.is_none_or(|expected| !question.eq_ignore_ascii_case(expected)) {
+            return Err(BadAnswer::WrongQuestion);
+        }
+        let mut out = bytes.to_vec();
+        wire::lowercase_into(&bytes[HEADER_LEN..name_end], &mut out[HEADER_LEN..])
+            .ok_or(BadAnswer::Malformed)?;
+        let mut ttl_offsets = Vec::new();
+        let mut min_ttl = u32::MAX;
+        let mut soa_ttl = None;
+        let mut rcode_upper = 0;
+        let mut at = question_end;
+        let mut opt_range = None;
+        let total = usize::from(counts.ancount())
+            + usize::from(counts.nscount())
+            + usize::from(counts.arcount());
+        let authority = usize::from(counts.ancount())
+            ..usize::from(counts.ancount()) + usize::from(counts.nscount());
+        for index in 0..total {
+            let record = wire::record_at(bytes, at).ok_or(BadAnswer::Malformed)?;
+            if record.rtype == TYPE_OPT {
+                if opt_range.is_some() {
+                    return Err(BadAnswer::Malformed);
+                }
+                rcode_upper = (record.ttl >> 24) as u8;
+                opt_range = Some(record.start..record.end);
+            } else {
+                if opt_range.is_some() {
+                    return Err(BadAnswer::OptNotLast);
+                }
+                // RFC 2181 §8: a TTL with the top bit set is treated as zero.
+                let ttl = if record.ttl > i32::MAX as u32 {
+                    0
+                } else {
+                    record.ttl
+                };
+                min_ttl = min_ttl.min(ttl);
+                if authority.contains(&index) && record.rtype == TYPE_SOA {
+                    let minimum = wire::u32_at(bytes, record.end.saturating_sub(4))
+                        .ok_or(BadAnswer::Malformed)?;
+                    soa_ttl = Some(ttl.min(minimum));
+                }
+                ttl_offsets.push(u16::try_from(record.ttl_at).map_err(|_| BadAnswer::TooLong)?);
+            }
+            at = record.end;
+        }
+        if let Some(range) = opt_range {
+            out.truncate(range.start);
+            let arcount = counts.arcount() - 1;
+            HeaderCounts::for_message_slice_mut(&mut out).set_arcount(arcount);
+        } else {
+            out.truncate(at);
+        }
+        Header::for_message_slice_mut(&mut out).set_id(0);
+        let kind = if header.tc() {
+            Kind::Other
+        } else {
+            match header.rcode() {
+                Rcode::NOERROR if counts.ancount() > 0 => Kind::Success,
+                Rcode::NOERROR | Rcode::NXDOMAIN => Kind::Denial,
+                Rcode::SERVFAIL => Kind::ServFail,
+                _ => Kind::Other,
+            }
+        };
+        let ttl_secs = match kind {
+            // RFC 2308 §5: a negative answer without SOA must not be cached.
+            Kind::Denial => soa_ttl.map_or(0, |soa| soa.min(min_ttl)),
+            _ if min_ttl == u32::MAX => 0,
+            _ => min_ttl,
+        };
+        Ok(Answer {
+            message: out.into_boxed_slice(),
+            ttl_offsets: ttl_offsets.into_boxed_slice(),
+            ttl_secs,
+            kind,
+            rcode_upper,
+        })
+    }
+
+    /// A placeholder holding nothing (a vacated cache slot).
+    pub fn empty() -> Answer {
+        Answer {
+            message: Box::default(),
+            ttl_offsets: Box::default(),
+            ttl_secs: 0,
+            kind: Kind::Other,
+            rcode_upper: 0,
+        }
+    }
+
+    /// Cache classification.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// Minimum TTL over the records (negative TTL for denials), uncapped.
+    pub fn ttl_secs(&self) -> u32 {
+        self.ttl_secs
+    }
+
+    /// Bytes held, for accounting.
+    pub fn size(&self) -> usize {
+        self.message.len() + self.ttl_offsets.len() * 2
+    }
+
+    /// Writes this answer for `query` into `out`: the client's ID, qname case, RD and CD; RA
+    /// set; every TTL set to `ttl_secs`; an OPT record iff the query had one. If it exceeds
+    /// `limit` bytes (or `out`), writes header + question (+ OPT) with TC=1 instead (RFC 2181
+    /// §9). Returns the length written. Does not allocate.
+    pub fn write_reply(
+        &self,
+        query: &Query<'_>,
+        ttl_secs: u32,
+        udp_payload: u16,
+        limit: usize,
+        out: &mut [u8],
+    ) -> usize {
+        let opt_len = if query.edns.is_some() { OPT_LEN } else { 0 };
+        let limit = limit.min(out.len());
+        let question_end = HEADER_LEN + query.qname.len() + 4;
+        let full = self.message.len() + opt_len;
+        let len = if full <= limit {
+            out[..self.message.len()].copy_from_slice(&self.message);
+            for &offset in self.ttl_offsets.iter() {
+                wire::put_u32(out, usize::from(offset), ttl_secs);
+            }
+            self.message.len()
+        } else {
+            if question_end + opt_len > limit {
+                return 0;
+            }
+            out[..question_end].copy_from_slice(&self.message[..question_end]);
+            let counts = HeaderCounts::for_message_slice_mut(out);
+            counts.set_ancount(0);
+            counts.set_nscount(0);
+            counts.set_arcount(0);
+            Header::for_message_slice_mut(out).set_tc(true);
+            question_end
+        };
+        out[HEADER_LEN..HEADER_LEN + query.qname.len()].copy_from_slice(query.qname);
+        let header = Header::for_message_slice_mut(out);
+        header.set_id(query.id);
+        header.set_qr(true);
+        header.set_aa(false);
+        header.set_rd(query.rd);
+        header.set_ra(true);
+        header.set_cd(query.cd);
+        match query.edns {
+            Some(edns) => len + write_opt(out, len, udp_payload, self.rcode_upper, edns.dnssec_ok),
+            None => len,
+        }
+    }
+}
+
+/// Appends an OPT record at `at` and bumps ARCOUNT; returns its length (0 if it does not fit).
+fn write_opt(
+    out: &mut [u8],
+    at: usize,
+    udp_payload: u16,
+    rcode_upper: u8,
+    dnssec_ok: bool,
+) -> usize {
+    let Some(slot) = out.get_mut(at..at + OPT_LEN) else {
+        return 0;
+    };
+    slot[0] = 0;
+    slot[1..3].copy_from_slice(&TYPE_OPT.to_be_bytes());
+    slot[3..5].copy_from_slice(&udp_payload.to_be_bytes());
+    let flags: u32 = if dnssec_ok { 0x8000 } else { 0 };
+    slot[5..9].copy_from_slice(&((u32::from(rcode_upper) << 24) | flags).to_be_bytes());
+    slot[9..11].copy_from_slice(&0u16.to_be_bytes());
+    let counts = HeaderCounts::for_message_slice_mut(out);
+    counts.set_arcount(counts.arcount().saturating_add(1));
+    OPT_LEN
+}
+
+/// Writes an error reply for a rejected or failed query into `out`; returns its length, or
+/// `None` when the query gets no reply at all (too short, or a response).
+///
+/// The reply echoes the question when it parsed (RFC 1035 §4.1.1 leaves it optional; resolvers
+/// match on it), and carries an OPT record when the query had a parseable one.
+pub fn write_error(
+    bytes: &[u8],
+    rejection: Rejection,
+    udp_payload: u16,
+    out: &mut [u8],
+) -> Option<usize> {
+    let rcode = match rejection {
+        Rejection::TooShort | Rejection::IsResponse => return None,
+        Rejection::FormErr => Rcode::FORMERR,
+        Rejection::NotImp => Rcode::NOTIMP,
+        Rejection::BadVers => Rcode::NOERROR,
+    };
+    let in_header = Header::for_message_slice(bytes.get(..HEADER_LEN)?);
+    let question_end = match rejection {
+        Rejection::FormErr => None,
+        _ => wire::uncompressed_name_end(bytes, HEADER_LEN).map(|end| end + 4),
+    }
+    .filter(|&end| end <= bytes.len() && end <= out.len());
+    let len = question_end.unwrap_or(HEADER_LEN);
+    out.get_mut(..len)?.copy_from_slice(bytes.get(..len)?);
+    let header = Header::for_message_slice_mut(out);
+    header.set_qr(true);
+    header.set_aa(false);
+    header.set_tc(false);
+    header.set_ra(true);
+    header.set_ad(false);
+    header.set_rd(in_header.rd());
+    header.set_rcode(rcode);
+    let counts = HeaderCounts::for_message_slice_mut(out);
+    counts.set_qdcount(u16::from(question_end.is_some()));
+    counts.set_ancount(0);
+    counts.set_nscount(0);
+    counts.set_arcount(0);
+    let edns = match rejection {
+        Rejection::BadVers => Some(false),
+        _ => Query::parse(bytes)
+            .ok()
+            .and_then(|query| query.edns)
+            .map(|edns| edns.dnssec_ok),
+    };
+    let opt = match (rejection, edns) {
+        (Rejection::BadVers, _) => write_opt(out, len, udp_payload, BADVERS_UPPER, false),
+        (_, Some(dnssec_ok)) => write_opt(out, len, udp_payload, 0, dnssec_ok),
+        (_, None) => 0,
+    };
+    Some(len + opt)
+}
+
+/// Writes a SERVFAIL reply to `query` into `out` (question echoed, OPT iff the query had one).
+pub fn write_servfail(query: &Query<'_>, udp_payload: u16, out: &mut [u8]) -> usize {
+    let len = query.question_end.min(HEADER_LEN + query.qname.len() + 4);
+    let Some(dest) = out.get_mut(..len) else {
+        return 0;
+    };
+    dest.copy_from_slice(&query.bytes[..len]);
+    let header = Header::for_message_slice_mut(out);
+    header.set_qr(true);
+    header.set_aa(false);
+    header.set_tc(false);
+    header.set_ra(true);
+    header.set_rcode(Rcode::SERVFAIL);
+    let counts = HeaderCounts::for_message_slice_mut(out);
+    counts.set_ancount(0);
+    counts.set_nscount(0);
+    counts.set_arcount(0);
+    match query.edns {
+        Some(edns) => len + write_opt(out, len, udp_payload, 0, edns.dnssec_ok),
+        None => len,
+    }
+}
+
+/// Builds the upstream query for a miss: ID 0 (the control side randomizes it), RD=1, CD and
+/// DO as the client asked, the lower-case question, an OPT advertising `udp_payload`. Miss
+/// path; allocates.
+pub fn upstream_query(query: &Query<'_>, udp_payload: u16) -> Vec<u8> {
+    let mut out = vec![0u8; HEADER_LEN + query.qname.len() + 4 + OPT_LEN];
+    let question_end = HEADER_LEN + query.qname.len() + 4;
+    out[HEADER_LEN..question_end].copy_from_slice(&query.bytes[HEADER_LEN..question_end]);
+    let name_end = HEADER_LEN + query.qname.len();
+    let name = out[HEADER_LEN..name_end].to_vec();
+    wire::lowercase_into(&name, &mut out[HEADER_LEN..name_end]);
+    let header = Header::for_message_slice_mut(&mut out);
+    header.set_rd(true);
+    header.set_cd(query.cd);
+    HeaderCounts::for_message_slice_mut(&mut out).set_qdcount(1);
+    let dnssec_ok = query.edns.is_some_and(|edns| edns.dnssec_ok);
+    let opt = write_opt(&mut out, question_end, udp_payload, 0, dnssec_ok);
+    out.truncate(question_end + opt);
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,297 @@
+//! Unit tests of query parsing, answer preparation and reply building.
+
+use super::*;
+
+/// Encodes a dotted name (no trailing dot needed) in wire format.
+pub(crate) fn name(dotted: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for label in dotted
+        .trim_end_matches('.')
+        .split('.')
+        .filter(|l| !l.is_empty())
+    {
+        out.push(label.len() as u8);
+        out.extend_from_slice(label.as_bytes());
+    }
+    out.push(0);
+    out
+}
+
+/// A query for `qname`/`qtype` with ID 0x1234, RD, and optionally an OPT (payload, version, DO).
+pub(crate) fn query(qname: &str, qtype: u16, edns: Option<(u16, u8, bool)>) -> Vec<u8> {
+    let mut out = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    out.extend(name(qname));
+    out.extend(qtype.to_be_bytes());
+    out.extend(1u16.to_be_bytes());
+    if let Some((payload, version, dnssec_ok)) = edns {
+        out[11] = 1;
+        out.push(0);
+        out.extend(TYPE_OPT.to_be_bytes());
+        out.extend(payload.to_be_bytes());
+        let ttl = (u32::from(version) << 16) | if dnssec_ok { 0x8000 } else { 0 };
+        out.extend(ttl.to_be_bytes());
+        out.extend(0u16.to_be_bytes());
+    }
+    out
+}
+
+/// An upstream answer to `query_bytes` (its question copied) with `rcode`, A records of the
+/// given TTLs pointing at the qname, optionally an SOA (ttl, minimum) in authority, and an
+/// OPT at the end.
+pub(crate) fn answer(
+    query_bytes: &[u8],
+    rcode: u8,
+    a_ttls: &[u32],
+    soa: Option<(u32, u32)>,
+) -> Vec<u8> {
+    let parsed = Query::parse(query_bytes).expect("test query parses");
+    let mut out = query_bytes[..parsed.question_end].to_vec();
+    out[2] = 0x85; // QR, AA, RD
+    out[3] = 0x80 | rcode;
+    out[6..12].fill(0);
+    out[7] = a_ttls.len() as u8;
+    for (index, ttl) in a_ttls.iter().enumerate() {
+        out.extend([0xc0, 0x0c]);
+        out.extend(1u16.to_be_bytes());
+        out.extend(1u16.to_be_bytes());
+        out.extend(ttl.to_be_bytes());
+        out.extend(4u16.to_be_bytes());
+        out.extend([10, 0, 0, index as u8]);
+    }
+    if let Some((ttl, minimum)) = soa {
+        out[9] = 1;
+        out.extend([0xc0, 0x0c]);
+        out.extend(TYPE_SOA.to_be_bytes());
+        out.extend(1u16.to_be_bytes());
+        out.extend(ttl.to_be_bytes());
+        let mut rdata = name("ns.test");
+        rdata.extend(name("admin.test"));
+        for value in [1u32, 7200, 3600, 86400, minimum] {
+            rdata.extend(value.to_be_bytes());
+        }
+        out.extend((rdata.len() as u16).to_be_bytes());
+        out.extend(rdata);
+    }
+    out[11] = 1;
+    out.extend([0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0]);
+    out
+}
+
+/// The cache key of a query.
+fn key_of(bytes: &[u8]) -> Vec<u8> {
+    let mut key = [0u8; KEY_MAX];
+    let len = Query::parse(bytes).expect("parses").key_into(&mut key);
+    key[..len].to_vec()
+}
+
+#[test]
+fn parses_plain_query() {
+    let bytes = query("Svc-1.Default.svc.cluster.local", 1, None);
+    let parsed = Query::parse(&bytes).expect("valid");
+    assert_eq!(parsed.id, 0x1234);
+    assert!(parsed.rd);
+    assert_eq!(parsed.qtype, 1);
+    assert_eq!(parsed.edns, None);
+    assert_eq!(parsed.udp_limit(1232), 512);
+}
+
+#[test]
+fn key_is_lower_case_and_carries_do_and_cd() {
+    let upper = key_of(&query("SVC.Cluster.Local", 1, None));
+    let lower = key_of(&query("svc.cluster.local", 1, None));
+    assert_eq!(upper, lower);
+    let with_do = key_of(&query("svc.cluster.local", 1, Some((1232, 0, true))));
+    assert_ne!(with_do, lower);
+    let mut cd = query("svc.cluster.local", 1, None);
+    cd[3] |= 0x10;
+    assert_ne!(key_of(&cd), lower);
+    let aaaa = key_of(&query("svc.cluster.local", 28, None));
+    assert_ne!(aaaa, lower);
+}
+
+#[test]
+fn rejections_follow_rfc() {
+    assert_eq!(Query::parse(&[0; 5]).err(), Some(Rejection::TooShort));
+    let mut response = query("a.test", 1, None);
+    response[2] |= 0x80;
+    assert_eq!(Query::parse(&response).err(), Some(Rejection::IsResponse));
+    let mut notify = query("a.test", 1, None);
+    notify[2] = 4 << 3;
+    assert_eq!(Query::parse(&notify).err(), Some(Rejection::NotImp));
+    let mut two = query("a.test", 1, None);
+    two[5] = 2;
+    assert_eq!(Query::parse(&two).err(), Some(Rejection::FormErr));
+    let mut overrun = query("a.test", 1, None);
+    overrun[12] = 40;
+    assert_eq!(Query::parse(&overrun).err(), Some(Rejection::FormErr));
+    let truncated = &query("a.test", 1, None)[..15];
+    assert_eq!(Query::parse(truncated).err(), Some(Rejection::FormErr));
+    let badvers = query("a.test", 1, Some((1232, 1, false)));
+    assert_eq!(Query::parse(&badvers).err(), Some(Rejection::BadVers));
+}
+
+#[test]
+fn small_edns_payload_is_raised_to_512() {
+    let bytes = query("a.test", 1, Some((100, 0, false)));
+    assert_eq!(Query::parse(&bytes).expect("valid").udp_limit(1232), 512);
+    let bytes = query("a.test", 1, Some((4096, 0, false)));
+    assert_eq!(Query::parse(&bytes).expect("valid").udp_limit(1232), 1232);
+}
+
+#[test]
+fn answer_strips_opt_and_takes_min_ttl() {
+    let q = query("svc.cluster.local", 1, Some((1232, 0, false)));
+    let upstream = answer(&q, 0, &[30, 10, 300], None);
+    let prepared = Answer::from_upstream(&upstream, &key_of(&q)).expect("valid");
+    assert_eq!(prepared.kind(), Kind::Success);
+    assert_eq!(prepared.ttl_secs(), 10);
+    assert_eq!(prepared.ttl_offsets.len(), 3);
+    assert_eq!(prepared.message.len(), upstream.len() - OPT_LEN);
+    assert_eq!(&prepared.message[10..12], &[0, 0], "ARCOUNT lost the OPT");
+}
+
+#[test]
+fn denial_ttl_comes_from_soa_minimum() {
+    let q = query("nope.cluster.local", 1, None);
+    let nxdomain = answer(&q, 3, &[], Some((300, 5)));
+    let prepared = Answer::from_upstream(&nxdomain, &key_of(&q)).expect("valid");
+    assert_eq!(prepared.kind(), Kind::Denial);
+    assert_eq!(prepared.ttl_secs(), 5);
+    let nodata = answer(&q, 0, &[], Some((4, 60)));
+    let prepared = Answer::from_upstream(&nodata, &key_of(&q)).expect("valid");
+    assert_eq!(prepared.kind(), Kind::Denial);
+    assert_eq!(prepared.ttl_secs(), 4);
+    let no_soa = answer(&q, 3, &[], None);
+    let prepared = Answer::from_upstream(&no_soa, &key_of(&q)).expect("valid");
+    assert_eq!(
+        prepared.ttl_secs(),
+        0,
+        "RFC 2308 §5: no SOA, no negative caching"
+    );
+}
+
+#[test]
+fn truncated_and_mismatched_answers() {
+    let q = query("svc.cluster.local", 1, None);
+    let mut tc = answer(&q, 0, &[30], None);
+    tc[2] |= 0x02;
+    let prepared = Answer::from_upstream(&tc, &key_of(&q)).expect("parses");
+    assert_eq!(prepared.kind(), Kind::Other, "TC answers are never cached");
+    let other = query("other.cluster.local", 1, None);
+    let wrong = answer(&other, 0, &[30], None);
+    assert_eq!(
+        Answer::from_upstream(&wrong, &key_of(&q)),
+        Err(BadAnswer::WrongQuestion)
+    );
+    assert_eq!(
+        Answer::from_upstream(&q, &key_of(&q)),
+        Err(BadAnswer::Malformed)
+    );
+    let garbage = answer(&q, 0, &[30], None);
+    assert!(Answer::from_upstream(&garbage[..garbage.len() - 15], &key_of(&q)).is_err());
+}
+
+#[test]
+fn reply_restores_id_case_and_ages_ttl() {
+    let lower = query("svc.cluster.local", 1, None);
+    let prepared =
+        Answer::from_upstream(&answer(&lower, 0, &[30, 30], None), &key_of(&lower)).expect("valid");
+    let mut client = query("SvC.ClUsTeR.local", 1, None);
+    client[0] = 0xab;
+    client[1] = 0xcd;
+    client[2] = 0x00; // RD off
+    let parsed = Query::parse(&client).expect("valid");
+    let mut out = [0u8; 512];
+    let len = prepared.write_reply(&parsed, 17, 1232, 512, &mut out);
+    let reply = &out[..len];
+    assert_eq!(&reply[..2], &[0xab, 0xcd]);
+    assert_eq!(reply[2] & 0x80, 0x80, "QR");
+    assert_eq!(reply[2] & 0x01, 0, "RD copied from the client");
+    assert_eq!(reply[3] & 0x80, 0x80, "RA");
+    assert_eq!(&reply[12..12 + parsed.qname.len()], parsed.qname);
+    let first = wire::record_at(reply, parsed.question_end).expect("record");
+    assert_eq!(first.ttl, 17);
+    let second = wire::record_at(reply, first.end).expect("record");
+    assert_eq!(second.ttl, 17);
+    assert_eq!(reply[11], 0, "no OPT without one in the query");
+}
+
+#[test]
+fn reply_carries_opt_iff_query_did() {
+    let q = query("svc.cluster.local", 1, Some((1232, 0, true)));
+    let prepared = Answer::from_upstream(&answer(&q, 0, &[30], None), &key_of(&q)).expect("valid");
+    let parsed = Query::parse(&q).expect("valid");
+    let mut out = [0u8; 1232];
+    let len = prepared.write_reply(&parsed, 30, 1232, 1232, &mut out);
+    let message = Message::from_slice(&out[..len]).expect("parses");
+    let opt = message.opt().expect("OPT present");
+    assert_eq!(opt.udp_payload_size(), 1232);
+    assert!(opt.dnssec_ok());
+}
+
+#[test]
+fn oversized_reply_is_truncated() {
+    let q = query("big.cluster.local", 1, None);
+    let ttls = vec![30; 60];
+    let prepared = Answer::from_upstream(&answer(&q, 0, &ttls, None), &key_of(&q)).expect("valid");
+    let parsed = Query::parse(&q).expect("valid");
+    let mut out = [0u8; 4096];
+    let len = prepared.write_reply(&parsed, 30, 1232, parsed.udp_limit(1232), &mut out);
+    assert_eq!(len, parsed.question_end);
+    assert_eq!(out[2] & 0x02, 0x02, "TC");
+    assert_eq!(&out[6..12], &[0; 6]);
+    let len = prepared.write_reply(&parsed, 30, 1232, 65535, &mut out);
+    assert!(len > 512, "TCP gets it whole");
+    assert_eq!(out[2] & 0x02, 0);
+}
+
+#[test]
+fn error_replies() {
+    let mut out = [0u8; 512];
+    let mut two = query("a.test", 1, None);
+    two[5] = 2;
+    let len = write_error(&two, Rejection::FormErr, 1232, &mut out).expect("answered");
+    assert_eq!(len, HEADER_LEN);
+    assert_eq!(out[3] & 0x0f, 1, "FORMERR");
+    assert_eq!(&out[..2], &[0x12, 0x34]);
+    let mut notify = query("a.test", 1, None);
+    notify[2] = 4 << 3;
+    let len = write_error(&notify, Rejection::NotImp, 1232, &mut out).expect("answered");
+    assert_eq!(out[3] & 0x0f, 4, "NOTIMP");
+    assert_eq!(len, notify.len(), "question echoed");
+    let badvers = query("a.test", 1, Some((1232, 1, false)));
+    let len = write_error(&badvers, Rejection::BadVers, 1232, &mut out).expect("answered");
+    let message = Message::from_slice(&out[..len]).expect("parses");
+    assert_eq!(message.opt_rcode().to_int(), 16, "BADVERS");
+    assert_eq!(
+        write_error(&[0; 4], Rejection::TooShort, 1232, &mut out),
+        None
+    );
+}
+
+#[test]
+fn upstream_query_is_lower_case_with_opt() {
+    let q = query("SvC.Test", 28, Some((4096, 0, true)));
+    let parsed = Query::parse(&q).expect("valid");
+    let upstream = upstream_query(&parsed, 1232);
+    let again = Query::parse(&upstream).expect("valid");
+    assert_eq!(again.qname, &name("svc.test")[..]);
+    assert_eq!(again.qtype, 28);
+    assert!(again.rd);
+    let edns = again.edns.expect("OPT");
+    assert_eq!(edns.payload, 1232);
+    assert!(edns.dnssec_ok);
+    assert_eq!(again.id, 0);
+}
+
+#[test]
+fn servfail_echoes_question() {
+    let q = query("a.test", 1, Some((1232, 0, false)));
+    let parsed = Query::parse(&q).expect("valid");
+    let mut out = [0u8; 512];
+    let len = write_servfail(&parsed, 1232, &mut out);
+    let message = Message::from_slice(&out[..len]).expect("parses");
+    assert_eq!(message.header().rcode(), Rcode::SERVFAIL);
+    assert!(message.opt().is_some());
+    assert_eq!(message.header().id(), 0x1234);
+}
