@@ -1,0 +1,560 @@
+//! Answers one [`Request`]: route it to a zone, try the zone's upstreams within its budget, and
+//! deliver exactly one [`Reply`] to the worker.
+//!
+//! Runs on: control thread (`ringdns-ctl`), inside its `LocalSet`.
+//!
+//! The zone's timeout is the total budget. Upstreams are tried in turn starting at the last one
+//! that answered; each attempt gets a slice of `timeout / upstreams` (at least [`MIN_SLICE`]). An
+//! attempt that fails outright (ICMP port unreachable, connection refused) hands over to the next
+//! upstream at once. An attempt whose slice runs out keeps listening while the next one starts,
+//! so a late answer from an earlier upstream still counts. When the budget is spent the request
+//! fails with [`Failure::Timeout`].
+#![forbid(unsafe_code)]
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::Poll;
+use std::time::Duration;
+
+use log::info;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::pool::TcpPool;
+use super::route::{self, Question, Router};
+use super::udp::{UdpSet, QUERIES_PER_SOCKET};
+use super::{Error, Failure, Outcome, Reply, Request, UpstreamStats, WorkerLink};
+use crate::config::{ForwardZone, Transport};
+
+/// Shortest slice of the budget an attempt gets before the next upstream is tried: a loaded
+/// upstream or a cross-zone hop can take this long, and trying the next one sooner only doubles
+/// the load.
+pub(crate) const MIN_SLICE: Duration = Duration::from_millis(250);
+
+/// Consecutive failed attempts after which an upstream is logged as down.
+const DOWN_AFTER_FAILURES: u32 = 3;
+
+/// Counters of the control side as a whole (per-upstream ones are in [`UpstreamStats`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ForwardStats {
+    /// Requests received from workers.
+    pub(crate) requests: u64,
+    /// Requests answered with [`Failure::BadRequest`].
+    pub(crate) bad_requests: u64,
+    /// Requests answered with [`Failure::NoZone`].
+    pub(crate) no_zone: u64,
+    /// Requests answered with [`Failure::Timeout`].
+    pub(crate) timeouts: u64,
+    /// Replies that could not be delivered (unknown worker index or its channel closed).
+    pub(crate) undeliverable: u64,
+    /// Worker eventfd writes that failed (the reply is queued; the worker's next wake-up or
+    /// poll picks it up).
+    pub(crate) wake_failures: u64,
+}
+
+/// Everything the control thread's forwarding side owns.
+#[derive(Debug)]
+pub(crate) struct Forwarder {
+    /// Zone routing.
+    router: Router,
+    /// Zones, in the router's order.
+    zones: Vec<Zone>,
+    /// Upstreams by address, shared between zones that name the same server.
+    upstreams: Vec<Rc<Upstream>>,
+    /// Where replies go.
+    workers: Vec<WorkerLink>,
+    /// Workers sent a reply since their eventfd was last written.
+    needs_wake: RefCell<Vec<bool>>,
+    /// Notified when `needs_wake` gains an entry.
+    pub(crate) wake_pending: Notify,
+    /// Control-side counters.
+    stats: RefCell<ForwardStats>,
+}
+
+impl Forwarder {
+    /// Sets up zones and upstreams; opens no sockets (they open on first use).
+    pub(crate) fn new(zones: Vec<ForwardZone>, udp_payload: u16, workers: Vec<WorkerLink>) -> Self {
+        let router = Router::new(zones.iter().map(|zone| zone.zone.as_str()));
+        let mut by_addr: HashMap<SocketAddr, Rc<Upstream>> = HashMap::new();
+        let mut upstreams = Vec::new();
+        let zones = zones
+            .into_iter()
+            .map(|zone| {
+                let members = zone
+                    .upstreams
+                    .iter()
+                    .map(|addr| {
+                        Rc::clone(by_addr.entry(*addr).or_insert_with(|| {
+                            let upstream = Rc::new(Upstream::new(*addr, udp_payload));
+                            upstreams.push(Rc::clone(&upstream));
+                            upstream
+                        }))
+                    })
+                    .collect();
+                Zone {
+                    name: zone.zone,
+                    upstreams: members,
+                    transport: zone.transport,
+                    timeout: zone.timeout,
+                    preferred: Cell::new(0),
+                }
+            })
+            .collect();
+        let needs_wake = RefCell::new(vec![false; workers.len()]);
+        Self {
+            router,
+            zones,
+            upstreams,
+            workers,
+            needs_wake,
+            wake_pending: Notify::new(),
+            stats: RefCell::new(ForwardStats::default()),
+        }
+    }
+
+    /// Answers `request` and delivers the reply; the reply's eventfd write happens in
+    /// [`Forwarder::wake_workers`], batched per loop iteration.
+    pub(crate) async fn serve(self: Rc<Self>, request: Request) {
+        self.stats.borrow_mut().requests += 1;
+        let outcome = self.resolve(&request.query).await;
+        if let Outcome::Failed(failure) = outcome {
+            let mut stats = self.stats.borrow_mut();
+            match failure {
+                Failure::Timeout => stats.timeouts += 1,
+                Failure::NoZone => stats.no_zone += 1,
+                Failure::BadRequest => stats.bad_requests += 1,
+            }
+        }
+        self.deliver(
+            request.worker,
+            Reply {
+                token: request.token,
+                outcome,
+            },
+        );
+    }
+
+    /// Writes 1 to the eventfd of every worker that got replies since the last call.
+    pub(crate) fn wake_workers(&self) {
+        let mut needs_wake = self.needs_wake.borrow_mut();
+        for (link, pending) in self.workers.iter().zip(needs_wake.iter_mut()) {
+            if std::mem::take(pending) {
+                // EAGAIN only if the counter is near u64::MAX, i.e. the worker already has an
+                // unread wake-up; any other error leaves nothing better to do than count it.
+                if link.wake.write(1).is_err() {
+                    self.stats.borrow_mut().wake_failures += 1;
+                }
+            }
+        }
+    }
+
+    /// A snapshot of the control-side counters.
+    pub(crate) fn stats(&self) -> ForwardStats {
+        *self.stats.borrow()
+    }
+
+    /// Per-upstream counters, by address.
+    pub(crate) fn upstream_stats(&self) -> Vec<(SocketAddr, UpstreamStats)> {
+        self.upstreams
+            .iter()
+            .map(|upstream| (upstream.addr, *upstream.stats.borrow()))
+            .collect()
+    }
+
+    /// Sends `reply` to its worker and marks that worker for a wake-up.
+    fn deliver(&self, worker: usize, reply: Reply) {
+        let Some(link) = self.workers.get(worker) else {
+            self.stats.borrow_mut().undeliverable += 1;
+            return;
+        };
+        if link.replies.send(reply).is_err() {
+            self.stats.borrow_mut().undeliverable += 1;
+            return;
+        }
+        if let Some(pending) = self.needs_wake.borrow_mut().get_mut(worker) {
+            *pending = true;
+        }
+        self.wake_pending.notify_one();
+    }
+
+    /// Routes and forwards one wire query.
+    async fn resolve(&self, query: &[u8]) -> Outcome {
+        if query.len() > usize::from(u16::MAX) {
+            return Outcome::Failed(Failure::BadRequest);
+        }
+        let Some(question) = route::parse_question(query) else {
+            return Outcome::Failed(Failure::BadRequest);
+        };
+        let Some(zone) = self
+            .router
+            .route(question.name())
+            .and_then(|index| self.zones.get(index))
+        else {
+            return Outcome::Failed(Failure::NoZone);
+        };
+        match zone.forward(query, &question).await {
+            Some(mut answer) => {
+                route::set_id(&mut answer, 0);
+                Outcome::Answer(answer)
+            }
+            None => Outcome::Failed(Failure::Timeout),
+        }
+    }
+}
+
+/// One forward zone at run time.
+#[derive(Debug)]
+struct Zone {
+    /// The zone name, for logs.
+    name: String,
+    /// Its upstreams, in config order.
+    upstreams: Vec<Rc<Upstream>>,
+    /// How to reach them.
+    transport: Transport,
+    /// Total budget per request.
+    timeout: Duration,
+    /// Index of the upstream to try first: the last one that answered, moved on when it fails.
+    preferred: Cell<usize>,
+}
+
+/// An attempt on one upstream, polled alongside the others still listening.
+type Attempt<'a> = Pin<Box<dyn Future<Output = Result<Vec<u8>, Error>> + 'a>>;
+
+/// What woke the driver of one request.
+enum Event {
+    /// Attempt number `.0` (index into the live attempts) finished.
+    Finished(usize, Result<Vec<u8>, Error>),
+    /// The current slice (or the whole budget) ran out.
+    SliceOver,
+}
+
+impl Zone {
+    /// Tries the zone's upstreams within its budget; the answer still has the upstream's ID.
+    async fn forward(&self, query: &[u8], question: &Question) -> Option<Vec<u8>> {
+        let count = self.upstreams.len();
+        if count == 0 {
+            return None;
+        }
+        let start = Instant::now();
+        let deadline = start + self.timeout;
+        let slice = slice_for(self.timeout, count);
+        let mut order = Order::new(self.preferred.get() % count, count);
+        // Live attempts, each with its upstream's index.
+        let mut attempts: Vec<(usize, Attempt<'_>)> = Vec::with_capacity(count);
+        // The upstream whose slice is running.
+        let mut current = order.first;
+        let mut slice_end = deadline;
+        if let Some(index) = order.next() {
+            attempts.push((index, self.attempt(index, query, question, slice)));
+            current = index;
+            slice_end = (Instant::now() + slice).min(deadline);
+        }
+        // Every round either finishes an attempt, launches one or ends a slice; there are at
+        // most `count` of each and the last slice ends at the deadline, so the loop ends.
+        loop {
+            let event = tokio::select! {
+                biased;
+                (position, result) = next_finished(&mut attempts) => Event::Finished(position, result),
+                () = tokio::time::sleep_until(slice_end) => Event::SliceOver,
+            };
+            match event {
+                Event::Finished(position, result) => {
+                    let (index, _) = attempts.swap_remove(position);
+                    match result {
+                        Ok(answer) => {
+                            self.succeeded(index);
+                            return Some(answer);
+                        }
+                        Err(error) => {
+                            self.failed(index, &error);
+                            if let Some(index) = order.next() {
+                                attempts.push((index, self.attempt(index, query, question, slice)));
+                                current = index;
+                                slice_end = (Instant::now() + slice).min(deadline);
+                            }
+                            if attempts.is_empty() {
+                                return None;
+                            }
+                        }
+                    }
+                }
+                Event::SliceOver => {
+                    if attempts.iter().any(|(index, _)| *index == current) {
+                        let error = Error::Timeout {
+                            addr: self.address(current),
+                            after: slice,
+                        };
+                        self.failed(current, &error);
+                        // Counted once; later slice ends only wait for earlier attempts.
+                        current = usize::MAX;
+                    }
+                    if Instant::now() >= deadline {
+                        return None;
+                    }
+                    slice_end = deadline;
+                    if let Some(index) = order.next() {
+                        attempts.push((index, self.attempt(index, query, question, slice)));
+                        current = index;
+                        slice_end = (Instant::now() + slice).min(deadline);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts an attempt on upstream `index` (an index into `self.upstreams`).
+    fn attempt<'a>(
+        &'a self,
+        index: usize,
+        query: &'a [u8],
+        question: &'a Question,
+        slice: Duration,
+    ) -> Attempt<'a> {
+        match self.upstreams.get(index) {
+            Some(upstream) => Box::pin(attempt(upstream, self.transport, query, question, slice)),
+            None => Box::pin(std::future::pending()),
+        }
+    }
+
+    /// The address of upstream `index`, for errors and logs.
+    fn address(&self, index: usize) -> SocketAddr {
+        self.upstreams
+            .get(index)
+            .map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)), |u| u.addr)
+    }
+
+    /// Records an answer from upstream `index` and makes it the first to try next time.
+    fn succeeded(&self, index: usize) {
+        self.preferred.set(index);
+        if let Some(upstream) = self.upstreams.get(index) {
+            upstream.succeeded();
+        }
+    }
+
+    /// Records a failed or timed-out attempt on upstream `index`; the next request starts at
+    /// the following upstream if this one was first in line.
+    fn failed(&self, index: usize, error: &Error) {
+        if self.preferred.get() == index {
+            self.preferred
+                .set((index + 1) % self.upstreams.len().max(1));
+        }
+        if let Some(upstream) = self.upstreams.get(index) {
+            upstream.failed(&self.name, error);
+        }
+    }
+}
+
+/// The order in which one request tries a zone's upstreams: each once, starting at `first`.
+#[derive(Debug)]
+struct Order {
+    /// The first upstream to try.
+    first: usize,
+    /// How many upstreams the zone has.
+    count: usize,
+    /// How many have been handed out.
+    launched: usize,
+}
+
+impl Order {
+    /// An order over `count` upstreams starting at `first`.
+    fn new(first: usize, count: usize) -> Self {
+        Self {
+            first,
+            count,
+            launched: 0,
+        }
+    }
+}
+
+impl Iterator for Order {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        if self.launched >= self.count {
+            return None;
+        }
+        let index = (self.first + self.launched) % self.count;
+        self.launched += 1;
+        Some(index)
+    }
+}
+
+/// The slice of `timeout` each of `count` upstreams gets before the next is tried.
+pub(crate) fn slice_for(timeout: Duration, count: usize) -> Duration {
+    let even = timeout / u32::try_from(count.max(1)).unwrap_or(u32::MAX);
+    even.max(MIN_SLICE).min(timeout)
+}
+
+/// Polls every live attempt and yields the first that finishes (with its position).
+async fn next_finished(attempts: &mut [(usize, Attempt<'_>)]) -> (usize, Result<Vec<u8>, Error>) {
+    std::future::poll_fn(|cx| {
+        for (position, (_, attempt)) in attempts.iter_mut().enumerate() {
+            if let Poll::Ready(result) = attempt.as_mut().poll(cx) {
+                return Poll::Ready((position, result));
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// One upstream's attempt at a query, by the zone's transport. `slice` bounds TCP connects and,
+/// for [`Transport::PreferUdp`], how long UDP alone is given.
+async fn attempt(
+    upstream: &Upstream,
+    transport: Transport,
+    query: &[u8],
+    question: &Question,
+    slice: Duration,
+) -> Result<Vec<u8>, Error> {
+    match transport {
+        Transport::Tcp => upstream.tcp.exchange(query, question, slice).await,
+        Transport::Udp => {
+            let answer = upstream.udp.exchange(query, question).await?;
+            if route::is_truncated(&answer) {
+                upstream.stats.borrow_mut().truncated += 1;
+                upstream.tcp.exchange(query, question, slice).await
+            } else {
+                Ok(answer)
+            }
+        }
+        Transport::PreferUdp => prefer_udp(upstream, query, question, slice).await,
+    }
+}
+
+/// UDP first; TCP to the same upstream on TC=1, on a UDP error, or when UDP stays silent for
+/// half the slice (UDP keeps listening then, and whichever answers first wins).
+async fn prefer_udp(
+    upstream: &Upstream,
+    query: &[u8],
+    question: &Question,
+    slice: Duration,
+) -> Result<Vec<u8>, Error> {
+    let udp = upstream.udp.exchange(query, question);
+    tokio::pin!(udp);
+    let first = tokio::select! {
+        result = &mut udp => Some(result),
+        () = tokio::time::sleep(slice / 2) => None,
+    };
+    match first {
+        Some(Ok(answer)) if !route::is_truncated(&answer) => return Ok(answer),
+        Some(Ok(_)) => {
+            upstream.stats.borrow_mut().truncated += 1;
+            return upstream.tcp.exchange(query, question, slice).await;
+        }
+        Some(Err(_)) => return upstream.tcp.exchange(query, question, slice).await,
+        None => {}
+    }
+    let tcp = upstream.tcp.exchange(query, question, slice);
+    tokio::pin!(tcp);
+    let mut udp_done = false;
+    // At most two rounds: each disables one branch, and the second round always returns.
+    loop {
+        tokio::select! {
+            result = &mut udp, if !udp_done => match result {
+                Ok(answer) if !route::is_truncated(&answer) => return Ok(answer),
+                _ => udp_done = true,
+            },
+            result = &mut tcp => return match result {
+                Ok(answer) => Ok(answer),
+                Err(error) if udp_done => Err(error),
+                // TCP failed; UDP may still answer late.
+                Err(error) => match udp.await {
+                    Ok(answer) if !route::is_truncated(&answer) => Ok(answer),
+                    _ => Err(error),
+                },
+            },
+        }
+    }
+}
+
+/// Health as last logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Health {
+    /// Answering.
+    Up,
+    /// [`DOWN_AFTER_FAILURES`] attempts in a row failed.
+    Down,
+}
+
+/// One upstream address: its UDP sockets, TCP pool, counters and health.
+#[derive(Debug)]
+pub(crate) struct Upstream {
+    /// The server.
+    addr: SocketAddr,
+    /// Its UDP sockets.
+    udp: UdpSet,
+    /// Its TCP connections.
+    tcp: TcpPool,
+    /// Its counters, shared with `udp` and `tcp`.
+    stats: Rc<RefCell<UpstreamStats>>,
+    /// Up or down, as last logged.
+    health: Cell<Health>,
+    /// Failed attempts since the last answer.
+    failures: Cell<u32>,
+}
+
+impl Upstream {
+    /// A fresh upstream, assumed up.
+    fn new(addr: SocketAddr, udp_payload: u16) -> Self {
+        let stats = Rc::new(RefCell::new(UpstreamStats::default()));
+        Self {
+            addr,
+            udp: UdpSet::new(addr, udp_payload, QUERIES_PER_SOCKET, Rc::clone(&stats)),
+            tcp: TcpPool::new(addr, Rc::clone(&stats)),
+            stats,
+            health: Cell::new(Health::Up),
+            failures: Cell::new(0),
+        }
+    }
+
+    /// Counts an answer; logs the upstream up again if it was down.
+    fn succeeded(&self) {
+        self.stats.borrow_mut().answers += 1;
+        self.failures.set(0);
+        if self.health.get() == Health::Down {
+            self.health.set(Health::Up);
+            info!("upstream up addr={}", self.addr);
+        }
+    }
+
+    /// Counts a failed attempt; logs the upstream down on the [`DOWN_AFTER_FAILURES`]th in a row.
+    fn failed(&self, zone: &str, error: &Error) {
+        {
+            let mut stats = self.stats.borrow_mut();
+            match error {
+                Error::Timeout { .. } => stats.timeouts += 1,
+                _ => stats.errors += 1,
+            }
+        }
+        let failures = self.failures.get().saturating_add(1);
+        self.failures.set(failures);
+        if failures >= DOWN_AFTER_FAILURES && self.health.get() == Health::Up {
+            self.health.set(Health::Down);
+            info!(
+                "upstream down addr={} zone={zone} failures={failures} last_error=\"{error}\"",
+                self.addr
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_split_the_budget_but_not_below_the_minimum() {
+        assert_eq!(slice_for(Duration::from_secs(2), 2), Duration::from_secs(1));
+        assert_eq!(slice_for(Duration::from_secs(1), 8), MIN_SLICE);
+        assert_eq!(
+            slice_for(Duration::from_millis(100), 3),
+            Duration::from_millis(100)
+        );
+        assert_eq!(slice_for(Duration::from_secs(5), 0), Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,436 @@
+//! UDP to one upstream: a small rotating set of connected sockets, answers demultiplexed by ID.
+//!
+//! Runs on: control thread (`ringdns-ctl`), inside its `LocalSet`.
+//!
+//! Spoofing resistance follows RFC 5452 §4 and §9: every query gets a random ID on a socket bound
+//! to a random ephemeral port, the socket is `connect()`ed so the kernel drops datagrams from any
+//! other source, and an answer must carry an in-flight ID *and* the query's question. Anything
+//! else is counted and ignored while the query keeps waiting. A socket is retired after
+//! [`QUERIES_PER_SOCKET`] queries so source ports keep rotating.
+#![forbid(unsafe_code)]
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::rc::Rc;
+
+use tokio::net::UdpSocket;
+use tokio::sync::{oneshot, Notify};
+
+use super::route::{self, Question};
+use super::{Error, UpstreamStats};
+
+/// Sockets kept per upstream; each query picks one at random, so an off-path attacker must
+/// guess the port as well as the ID (RFC 5452 §9.2).
+pub(crate) const SOCKETS_PER_UPSTREAM: usize = 8;
+
+/// Queries sent on one socket before it is replaced by one on a new random port.
+pub(crate) const QUERIES_PER_SOCKET: u64 = 10_000;
+
+/// Random IDs tried before giving up on a socket with that many queries in flight.
+const ID_TRIES: usize = 64;
+
+/// Consecutive receive errors (ICMP reports) after which a socket is retired, so a persistently
+/// failing socket cannot spin its reader.
+const MAX_CONSECUTIVE_ERRORS: u32 = 64;
+
+/// The UDP sockets of one upstream address.
+#[derive(Debug)]
+pub(crate) struct UdpSet {
+    /// The upstream every socket is connected to.
+    addr: SocketAddr,
+    /// Answers longer than this are treated as truncated (our advertised EDNS payload, at least
+    /// the classic 512 octets of RFC 1035 §4.2.1).
+    payload_limit: usize,
+    /// Queries per socket before rotation.
+    rotate_after: u64,
+    /// Socket slots, filled lazily; `None` or a retired socket is replaced when picked.
+    slots: RefCell<Vec<Option<Rc<Slot>>>>,
+    /// The upstream's counters.
+    stats: Rc<RefCell<UpstreamStats>>,
+}
+
+impl UdpSet {
+    /// An empty set for `addr`; sockets are opened on first use.
+    pub(crate) fn new(
+        addr: SocketAddr,
+        udp_payload: u16,
+        rotate_after: u64,
+        stats: Rc<RefCell<UpstreamStats>>,
+    ) -> Self {
+        Self {
+            addr,
+            payload_limit: usize::from(udp_payload).max(512),
+            rotate_after: rotate_after.max(1),
+            slots: RefCell::new(vec![None; SOCKETS_PER_UPSTREAM]),
+            stats,
+        }
+    }
+
+    /// Sends `query` (its ID is replaced) and waits for the matching answer, which still has the
+    /// upstream's ID. Waits until an answer or a socket error arrives; the caller bounds the wait.
+    pub(crate) async fn exchange(
+        &self,
+        query: &[u8],
+        question: &Question,
+    ) -> Result<Vec<u8>, Error> {
+        let slot = self.pick()?;
+        let (id, seq, answer) = slot.register(question)?;
+        let _registration = Registration {
+            slot: &slot,
+            id,
+            seq,
+        };
+        let mut packet = query.to_vec();
+        route::set_id(&mut packet, id);
+        slot.socket
+            .send(&packet)
+            .await
+            .map_err(|source| Error::Io {
+                addr: self.addr,
+                source,
+            })?;
+        self.stats.borrow_mut().queries += 1;
+        slot.sent.set(slot.sent.get() + 1);
+        if slot.sent.get() >= self.rotate_after {
+            self.retire(&slot);
+        }
+        match answer.await {
+            Ok(result) => result,
+            // The reader only drops a waiter by answering or failing it; this is unreachable in
+            // practice, but a closed socket is the honest description.
+            Err(_) => Err(Error::Closed {
+                addr: self.addr,
+                reused: false,
+            }),
+        }
+    }
+
+    /// The local ports of the live sockets (for tests of port rotation).
+    #[cfg(test)]
+    pub(crate) fn local_ports(&self) -> Vec<u16> {
+        self.slots
+            .borrow()
+            .iter()
+            .flatten()
+            .filter_map(|slot| slot.socket.local_addr().ok())
+            .map(|addr| addr.port())
+            .collect()
+    }
+
+    /// A random live socket, opening one in the chosen slot if it is empty.
+    fn pick(&self) -> Result<Rc<Slot>, Error> {
+        let index = rand::random_range(0..SOCKETS_PER_UPSTREAM);
+        if let Some(Some(slot)) = self.slots.borrow().get(index) {
+            if !slot.retired.get() {
+                return Ok(Rc::clone(slot));
+            }
+        }
+        let slot = self.open().map_err(|source| Error::Io {
+            addr: self.addr,
+            source,
+        })?;
+        if let Some(entry) = self.slots.borrow_mut().get_mut(index) {
+            *entry = Some(Rc::clone(&slot));
+        }
+        tokio::task::spawn_local(read_answers(Rc::clone(&slot)));
+        Ok(slot)
+    }
+
+    /// Binds a socket to a random ephemeral port of the upstream's family and connects it.
+    fn open(&self) -> io::Result<Rc<Slot>> {
+        let local: SocketAddr = if self.addr.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let socket = std::net::UdpSocket::bind(local)?;
+        socket.connect(self.addr)?;
+        socket.set_nonblocking(true)?;
+        Ok(Rc::new(Slot {
+            socket: UdpSocket::from_std(socket)?,
+            addr: self.addr,
+            payload_limit: self.payload_limit,
+            inflight: RefCell::new(HashMap::new()),
+            next_seq: Cell::new(0),
+            sent: Cell::new(0),
+            retired: Cell::new(false),
+            done: Notify::new(),
+            stats: Rc::clone(&self.stats),
+        }))
+    }
+
+    /// Takes `slot` out of rotation; its reader stays until its last in-flight query ends.
+    fn retire(&self, slot: &Rc<Slot>) {
+        slot.retired.set(true);
+        for entry in self.slots.borrow_mut().iter_mut() {
+            if entry.as_ref().is_some_and(|live| Rc::ptr_eq(live, slot)) {
+                *entry = None;
+            }
+        }
+    }
+}
+
+/// One connected socket and the queries in flight on it.
+#[derive(Debug)]
+struct Slot {
+    /// Bound to a random port, connected to `addr`.
+    socket: UdpSocket,
+    /// The upstream.
+    addr: SocketAddr,
+    /// Longer datagrams are cut by our buffer and handed on marked TC=1.
+    payload_limit: usize,
+    /// In-flight queries by ID.
+    inflight: RefCell<HashMap<u16, Waiter>>,
+    /// Source of [`Waiter::seq`].
+    next_seq: Cell<u64>,
+    /// Queries sent so far.
+    sent: Cell<u64>,
+    /// No longer picked for new queries.
+    retired: Cell<bool>,
+    /// Tells the reader to exit (retired and idle).
+    done: Notify,
+    /// The upstream's counters.
+    stats: Rc<RefCell<UpstreamStats>>,
+}
+
+impl Slot {
+    /// Registers a waiter for `question` under a random ID not in flight on this socket.
+    fn register(&self, question: &Question) -> Result<(u16, u64, AnswerReceiver), Error> {
+        let mut inflight = self.inflight.borrow_mut();
+        for _ in 0..ID_TRIES {
+            let id: u16 = rand::random();
+            if inflight.contains_key(&id) {
+                continue;
+            }
+            let (answer, receiver) = oneshot::channel();
+            let seq = self.next_seq.get();
+            self.next_seq.set(seq + 1);
+            inflight.insert(
+                id,
+                Waiter {
+                    question: question.clone(),
+                    seq,
+                    answer,
+                },
+            );
+            return Ok((id, seq, receiver));
+        }
+        Err(Error::IdsExhausted { addr: self.addr })
+    }
+
+    /// Hands a received datagram to its waiter if ID and question match; otherwise counts it.
+    fn dispatch(&self, datagram: &[u8]) {
+        let mut inflight = self.inflight.borrow_mut();
+        let waiter = match route::message_id(datagram) {
+            Some(id) => match inflight.get(&id) {
+                Some(waiter)
+                    if route::is_response(datagram)
+                        && route::question_matches(datagram, &waiter.question) =>
+                {
+                    inflight.remove(&id)
+                }
+                _ => None,
+            },
+            None => None,
+        };
+        drop(inflight);
+        let Some(waiter) = waiter else {
+            self.stats.borrow_mut().ignored += 1;
+            return;
+        };
+        let mut answer = datagram.to_vec();
+        if datagram.len() > self.payload_limit {
+            // The upstream sent more than we advertised and our buffer cut it: only TCP can
+            // fetch the whole answer.
+            route::mark_truncated(&mut answer);
+        }
+        // A dropped receiver means the query was abandoned; nothing to do.
+        let _ = waiter.answer.send(Ok(answer));
+    }
+
+    /// Fails every in-flight query with a receive error (an ICMP report such as port
+    /// unreachable: it concerns the one upstream all of them were sent to).
+    fn fail_all(&self, kind: io::ErrorKind) {
+        let waiters: Vec<Waiter> = self
+            .inflight
+            .borrow_mut()
+            .drain()
+            .map(|(_, waiter)| waiter)
+            .collect();
+        for waiter in waiters {
+            let _ = waiter.answer.send(Err(Error::Io {
+                addr: self.addr,
+                source: io::Error::from(kind),
+            }));
+        }
+    }
+}
+
+/// Where a waiting query's answer (or failure) arrives.
+type AnswerReceiver = oneshot::Receiver<Result<Vec<u8>, Error>>;
+
+/// A query waiting on a [`Slot`].
+#[derive(Debug)]
+struct Waiter {
+    /// What the answer must ask.
+    question: Question,
+    /// Distinguishes this registration from a later one that reuses the ID.
+    seq: u64,
+    /// Where the answer goes.
+    answer: oneshot::Sender<Result<Vec<u8>, Error>>,
+}
+
+/// Removes a query's waiter when the query ends for any reason, and lets a retired socket's
+/// reader exit once nothing is in flight.
+struct Registration<'a> {
+    /// The socket.
+    slot: &'a Rc<Slot>,
+    /// The query's ID.
+    id: u16,
+    /// The registration's sequence number.
+    seq: u64,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        let mut inflight = self.slot.inflight.borrow_mut();
+        if inflight.get(&self.id).is_some_and(|w| w.seq == self.seq) {
+            inflight.remove(&self.id);
+        }
+        if self.slot.retired.get() && inflight.is_empty() {
+            self.slot.done.notify_one();
+        }
+    }
+}
+
+/// Reads datagrams for one socket until it is retired and idle, or keeps failing.
+async fn read_answers(slot: Rc<Slot>) {
+    let mut buf = vec![0u8; slot.payload_limit + 1];
+    let mut errors = 0u32;
+    loop {
+        tokio::select! {
+            received = slot.socket.recv(&mut buf) => match received {
+                Ok(len) => {
+                    errors = 0;
+                    slot.dispatch(buf.get(..len).unwrap_or_default());
+                }
+                Err(error) => {
+                    slot.stats.borrow_mut().errors += 1;
+                    slot.fail_all(error.kind());
+                    errors += 1;
+                    if errors >= MAX_CONSECUTIVE_ERRORS {
+                        // `pick` replaces a retired slot; its waiters were just failed.
+                        slot.retired.set(true);
+                        break;
+                    }
+                }
+            },
+            () = slot.done.notified() => {
+                if slot.inflight.borrow().is_empty() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::upstream::testutil::{query, Responder, TcpMode, UdpMode};
+
+    /// Runs `future` on a current-thread runtime inside a `LocalSet`.
+    fn run_local<F: std::future::Future>(future: F) -> F::Output {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("test runtime");
+        tokio::task::LocalSet::new().block_on(&runtime, future)
+    }
+
+    #[test]
+    fn sockets_rotate_after_their_query_budget() {
+        let responder = Responder::start(UdpMode::Answer, TcpMode::Answer);
+        let stats = Rc::new(RefCell::new(UpstreamStats::default()));
+        let set = UdpSet::new(responder.addr(), 1232, 1, Rc::clone(&stats));
+        let wire = query("rotate.example.");
+        let question = route::parse_question(&wire).expect("valid query");
+        run_local(async {
+            for _ in 0..6 {
+                let answer =
+                    tokio::time::timeout(Duration::from_secs(5), set.exchange(&wire, &question))
+                        .await
+                        .expect("answer in time")
+                        .expect("answer");
+                assert!(route::question_matches(&answer, &question));
+            }
+            assert!(
+                set.local_ports().is_empty(),
+                "retired sockets leave the set"
+            );
+        });
+        let mut ports: Vec<u16> = responder.udp_sources().iter().map(|a| a.port()).collect();
+        assert_eq!(ports.len(), 6);
+        ports.sort_unstable();
+        ports.dedup();
+        // Each query used a new socket; the kernel picks ports at random and may repeat one.
+        assert!(
+            ports.len() >= 5,
+            "queries came from new source ports: {ports:?}"
+        );
+        assert_eq!(stats.borrow().queries, 6);
+    }
+
+    #[test]
+    fn sockets_are_reused_within_their_budget() {
+        let responder = Responder::start(UdpMode::Answer, TcpMode::Answer);
+        let stats = Rc::new(RefCell::new(UpstreamStats::default()));
+        let set = UdpSet::new(responder.addr(), 1232, QUERIES_PER_SOCKET, stats);
+        let wire = query("reuse.example.");
+        let question = route::parse_question(&wire).expect("valid query");
+        run_local(async {
+            for _ in 0..64 {
+                let answer =
+                    tokio::time::timeout(Duration::from_secs(5), set.exchange(&wire, &question))
+                        .await
+                        .expect("answer in time")
+                        .expect("answer");
+                assert!(route::question_matches(&answer, &question));
+            }
+            assert!(set.local_ports().len() <= SOCKETS_PER_UPSTREAM);
+        });
+        let mut ports: Vec<u16> = responder.udp_sources().iter().map(|a| a.port()).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        assert!(ports.len() <= SOCKETS_PER_UPSTREAM, "{ports:?}");
+        assert!(
+            ports.len() > 1,
+            "queries spread over several sockets: {ports:?}"
+        );
+    }
+
+    #[test]
+    fn refused_port_fails_the_query() {
+        let closed = {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+            socket.local_addr().expect("local addr")
+        };
+        let stats = Rc::new(RefCell::new(UpstreamStats::default()));
+        let set = UdpSet::new(closed, 1232, QUERIES_PER_SOCKET, stats);
+        let wire = query("refused.example.");
+        let question = route::parse_question(&wire).expect("valid query");
+        let result = run_local(async {
+            tokio::time::timeout(Duration::from_secs(5), set.exchange(&wire, &question)).await
+        });
+        match result {
+            Ok(Err(Error::Io { source, .. })) => {
+                assert_eq!(source.kind(), io::ErrorKind::ConnectionRefused)
+            }
+            other => panic!("expected a refused error, got {other:?}"),
+        }
+    }
+}
