@@ -1,1 +1,32 @@
-//! ringdns
+//! ringdns: a node-local DNS cache with one pinned io_uring worker per core.
+//!
+//! Runs on: any (module tree and the top-level [`run`]).
+//!
+//! # Architecture
+//!
+//! ```text
+//! client ─UDP/TCP─▶ worker N [recv ▸ handler ▸ shard N] ─hit─▶ reply
+//!                     │ miss: bounded crossbeam      ▲ answer: per-worker channel + ring wake-up;
+//!                     ▼                              │ worker caches it, answers all coalesced waiters
+//!                   control [route zone ▸ pooled TCP/UDP conns ▸ upstream]
+//! ```
+//!
+//! - [`worker`]: the data plane. One thread per CPU of the affinity mask, pinned, each with its
+//!   own `SO_REUSEPORT` UDP socket and TCP listener per listen address, its own io_uring (or, where
+//!   io_uring is unavailable, a current-thread epoll runtime) and its own [`cache::Shard`].
+//!   Workers share nothing: no locks and no atomics written by another thread on the hit path.
+//! - [`upstream`]: the control thread's forwarding side. Misses arrive over a bounded
+//!   crossbeam channel; answers go back over each worker's own channel plus an eventfd wake-up.
+//!   TCP connections to an upstream are pooled and pipelined across workers.
+//! - [`control`]: start-up order, signals, shutdown.
+//! - [`dns`] (the only module that imports `domain`), [`cache`] and [`worker::handler`] are
+//!   pure: no I/O, no clock; time comes in as `now`.
+
+pub mod cache;
+pub mod config;
+pub mod control;
+pub mod dns;
+pub mod upstream;
+pub mod worker;
+
+pub use control::{run, Shutdown};

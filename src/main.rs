@@ -1,1 +1,103 @@
-fn main() {}
+//! The `ringdns` command: argh → Config::load → ringdns::run(config, shutdown). Nothing else.
+//!
+//! Runs on: the main thread.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use argh::FromArgs;
+use ringdns::config::Config;
+
+/// ringdns: a node-local DNS cache with one pinned io_uring worker per core.
+#[derive(FromArgs, Debug)]
+struct Cli {
+    /// print the version and exit
+    #[argh(switch)]
+    version: bool,
+    /// what to do
+    #[argh(subcommand)]
+    command: Option<Subcommand>,
+}
+
+/// The subcommands.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+enum Subcommand {
+    /// Serve DNS.
+    Run(Run),
+    /// Check a configuration file.
+    Check(Check),
+}
+
+/// Serve DNS (with no --config: the embedded default, 127.0.0.1:5353 and [::1]:5353).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "run")]
+struct Run {
+    /// configuration file (TOML)
+    #[argh(option)]
+    config: Option<PathBuf>,
+}
+
+/// Validate a configuration file and print the effective configuration.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "check")]
+struct Check {
+    /// configuration file (TOML)
+    #[argh(option)]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli: Cli = argh::from_env();
+    if cli.version {
+        println!("ringdns {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    match cli.command {
+        Some(Subcommand::Check(check)) => match Config::load(&check.config) {
+            Ok(config) => {
+                print!("{}", config.to_toml());
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("ringdns: {error}");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Subcommand::Run(run)) => {
+            let loaded = match &run.config {
+                Some(path) => Config::load(path),
+                None => Config::embedded_default(),
+            };
+            let config = match loaded {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("ringdns: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            ringdns::control::logger::install(config.log.level);
+            log::info!(
+                "starting version={} config={}",
+                env!("CARGO_PKG_VERSION"),
+                run.config
+                    .as_ref()
+                    .map_or("<embedded default>".into(), |p| p.display().to_string())
+            );
+            let result = ringdns::control::Shutdown::from_signals()
+                .and_then(|shutdown| ringdns::run(config, shutdown));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    log::error!("fatal: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        None => {
+            eprintln!("ringdns: missing subcommand (try `ringdns run` or `ringdns --help`)");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Control thread side: start-up order, worker placement, shutdown.
+//!
+//! Runs on: the main thread (which then waits for signals) and the control thread it starts.
+//!
+//! Start-up order: decide the workers (one per CPU of the affinity mask) and the I/O backend
+//! (probing io_uring), bind every worker's sockets (so a bind error stops start-up with the
+//! address named), start the upstream side on `ringdns-ctl`, start the workers, log one
+//! `ready` line. Shutdown: tell every worker to stop, join them, stop the upstream side.
+#![forbid(unsafe_code)]
+
+pub mod logger;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::cache::Limits;
+use crate::config::{Config, IoBackend};
+use crate::upstream::{self, ControlLink, UpstreamSide, WorkerLink};
+use crate::worker::handler::Settings;
+use crate::worker::stats::WorkerStats;
+use crate::worker::{self, sockets, Backend, Command, WorkerSetup};
+
+/// Distinct misses one worker may have in flight before it answers SERVFAIL.
+const MAX_MISSES_PER_WORKER: usize = 4096;
+
+/// Clients that may wait on one miss.
+const MAX_WAITERS_PER_MISS: usize = 1024;
+
+/// Margin on top of the longest zone timeout after which a worker answers a parked client
+/// itself (the control side always answers first unless it is broken).
+const MISS_DEADLINE_MARGIN: Duration = Duration::from_secs(1);
+
+/// How `run` learns that it should stop.
+#[derive(Debug)]
+pub struct Shutdown {
+    /// The signals `run` waits for (blocked in every thread, received with `sigwait`).
+    signals: SigSet,
+}
+
+impl Shutdown {
+    /// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (and so in every thread it
+    /// starts afterwards); `run` then waits for them. Call before any thread is spawned.
+    pub fn from_signals() -> anyhow::Result<Shutdown> {
+        let mut signals = SigSet::empty();
+        signals.add(Signal::SIGTERM);
+        signals.add(Signal::SIGINT);
+        signals.add(Signal::SIGHUP);
+        signals
+            .thread_block()
+            .context("blocking SIGTERM/SIGINT/SIGHUP")?;
+        Ok(Shutdown { signals })
+    }
+
+    /// Waits for SIGTERM or SIGINT. SIGHUP is logged (live reload belongs to the control
+    /// thread's later work) and waited past.
+    fn wait(&self) -> anyhow::Result<Signal> {
+        loop {
+            let signal = self.signals.wait().context("sigwait")?;
+            if signal == Signal::SIGHUP {
+                log::warn!("SIGHUP ignored: live reload is not implemented yet; restart to apply a new configuration");
+                continue;
+            }
+            return Ok(signal);
+        }
+    }
+}
+
+/// Runs ringdns with `config` until `shutdown` fires.
+pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let workers = config.server.worker_count(cores.len().max(1));
+    let backend = choose_backend(config.server.io)?;
+    let settings = settings(&config);
+    let control_wake = Arc::new(new_eventfd()?);
+    let (requests, requests_rx) = upstream::request_channel(MAX_MISSES_PER_WORKER * workers);
+    let control_link = ControlLink {
+        requests,
+        wake: control_wake.clone(),
+    };
+    let mut setups = Vec::with_capacity(workers);
+    let mut links = Vec::with_capacity(workers);
+    let mut command_senders = Vec::with_capacity(workers);
+    let mut all_stats = Vec::with_capacity(workers);
+    let mut small_buffers = Vec::new();
+    for index in 0..workers {
+        let mut udp = Vec::new();
+        let mut tcp = Vec::new();
+        for &addr in &config.server.listen {
+            let (socket, actual) = sockets::bind_udp(addr, config.server.udp_receive_buffer)
+                .with_context(|| format!("binding UDP {addr}"))?;
+            if actual < config.server.udp_receive_buffer && index == 0 {
+                small_buffers.push((addr, actual));
+            }
+            udp.push(socket);
+            tcp.push(sockets::bind_tcp(addr).with_context(|| format!("binding TCP {addr}"))?);
+        }
+        let wake = Arc::new(new_eventfd()?);
+        let (reply_tx, replies) = crossbeam_channel::unbounded();
+        let (command_tx, commands) = crossbeam_channel::unbounded();
+        let stats = Arc::new(WorkerStats::default());
+        links.push(WorkerLink {
+            replies: reply_tx,
+            wake: wake.clone(),
+        });
+        command_senders.push((command_tx, wake.clone()));
+        all_stats.push(stats.clone());
+        setups.push(WorkerSetup {
+            index,
+            core: (!cores.is_empty()).then(|| cores[index % cores.len()]),
+            backend,
+            udp,
+            tcp,
+            settings,
+            tcp_idle_timeout: config.server.tcp_idle_timeout,
+            max_tcp_connections: config.server.max_tcp_connections,
+            control: control_link.clone(),
+            replies,
+            commands,
+            wake,
+            stats,
+        });
+    }
+    for (addr, actual) in small_buffers {
+        log::warn!(
+            "UDP receive buffer smaller than configured listen={addr} requested={} actual={actual} (raise net.core.rmem_max or run with CAP_NET_ADMIN)",
+            config.server.udp_receive_buffer
+        );
+    }
+    drop(control_link);
+    let upstream_side = UpstreamSide::spawn(
+        config.forward.clone(),
+        config.server.udp_payload,
+        links,
+        requests_rx,
+        control_wake,
+    )
+    .context("starting the upstream side")?;
+    let mut handles = Vec::with_capacity(workers);
+    for setup in setups {
+        handles.push(worker::spawn(setup).context("starting a worker thread")?);
+    }
+    log::info!("{}", ready_line(&config.server.listen, workers, backend));
+    let signal = shutdown.wait()?;
+    log::info!("stopping signal={signal:?}");
+    for (commands, wake) in &command_senders {
+        let _ = commands.send(Command::Stop);
+        let _ = wake.write(1);
+    }
+    for handle in handles {
+        if handle.join().is_err() {
+            log::error!("a worker thread panicked");
+        }
+    }
+    upstream_side.stop();
+    log::info!("stopped");
+    Ok(())
+}
+
+/// The one line tests and operators wait for.
+fn ready_line(listen: &[SocketAddr], workers: usize, backend: Backend) -> String {
+    let addrs = listen
+        .iter()
+        .map(|addr| addr.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    format!(
+        "ready udp={addrs} tcp={addrs} workers={workers} io={}",
+        backend.name()
+    )
+}
+
+/// The handler settings derived from `config`.
+fn settings(config: &Config) -> Settings {
+    let longest_timeout = config
+        .forward
+        .iter()
+        .map(|zone| zone.timeout)
+        .max()
+        .unwrap_or(Duration::from_secs(2));
+    Settings {
+        udp_payload: config.server.udp_payload,
+        limits: Limits {
+            success_capacity: config.cache.success_capacity,
+            success_ttl: config.cache.success_ttl,
+            denial_capacity: config.cache.denial_capacity,
+            denial_ttl: config.cache.denial_ttl,
+            servfail_ttl: config.cache.servfail_ttl,
+        },
+        miss_deadline: longest_timeout + MISS_DEADLINE_MARGIN,
+        max_misses: MAX_MISSES_PER_WORKER,
+        max_waiters: MAX_WAITERS_PER_MISS,
+    }
+}
+
+/// Picks the I/O backend for `choice`, probing io_uring.
+fn choose_backend(choice: IoBackend) -> anyhow::Result<Backend> {
+    match choice {
+        IoBackend::Epoll => Ok(Backend::Epoll),
+        IoBackend::Uring | IoBackend::Auto => match worker::probe_uring() {
+            Ok(()) => Ok(Backend::Uring),
+            Err(reason) if choice == IoBackend::Auto => {
+                log::warn!("io_uring unavailable, using epoll reason=\"{reason}\"");
+                Ok(Backend::Epoll)
+            }
+            Err(reason) => {
+                anyhow::bail!("server.io = \"uring\" but io_uring is unavailable: {reason}")
+            }
+        },
+    }
+}
+
+/// A non-blocking eventfd.
+fn new_eventfd() -> anyhow::Result<EventFd> {
+    EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+        .context("creating an eventfd")
+}

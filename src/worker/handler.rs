@@ -1,0 +1,500 @@
+//! Sans-IO query handling: (query bytes, now, shard) → what to send.
+//!
+//! Runs on: worker threads. Does no I/O and reads no clock; `now` comes from the receive loop.
+//! The only thing it touches besides its own state is the bounded crossbeam sender to the
+//! control side, with `try_send` (never blocking); the eventfd wake-up is left to the caller,
+//! once per batch ([`Handler::take_wake`]).
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::cache::{Limits, Lookup, Shard};
+use crate::dns::{self, Answer, Query, Rejection, KEY_MAX};
+use crate::upstream::{Outcome, Reply, Request};
+
+use super::pending::{Joined, Origin, Pending, Waiter};
+use super::stats::{Counter, WorkerStats};
+
+/// Largest DNS message over TCP (RFC 1035 §4.2.2: 16-bit length prefix).
+pub const TCP_MESSAGE_MAX: usize = 65535;
+
+/// What the worker does with one received query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Send the first `len` bytes of the scratch buffer back to the client.
+    Reply {
+        /// Reply length.
+        len: usize,
+    },
+    /// Cache miss: the client is parked until the upstream answer arrives.
+    Parked,
+    /// Send nothing; the reason is already counted.
+    Drop(DropReason),
+}
+
+/// Why a packet got no reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Shorter than a DNS header.
+    TooShort,
+    /// A response (QR=1), not a query.
+    IsResponse,
+    /// A reply did not fit the scratch buffer (cannot happen with correctly sized buffers).
+    NoRoom,
+}
+
+/// Settings the handler needs from the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// Our EDNS payload size (advertised upstream and in replies; cap on UDP replies).
+    pub udp_payload: u16,
+    /// Cache limits.
+    pub limits: Limits,
+    /// After this long a parked client is answered SERVFAIL by the worker itself, even if the
+    /// control side never replied (the longest zone timeout plus a margin).
+    pub miss_deadline: Duration,
+    /// Most distinct misses in flight per worker.
+    pub max_misses: usize,
+    /// Most clients parked on one miss.
+    pub max_waiters: usize,
+}
+
+/// One worker's DNS state: its cache shard, its in-flight misses, its counters.
+#[derive(Debug)]
+pub struct Handler {
+    /// This worker's index (identifies it to the control side).
+    worker: usize,
+    /// Settings.
+    settings: Settings,
+    /// The cache shard.
+    shard: Shard,
+    /// Misses in flight.
+    pending: Pending,
+    /// To the control side.
+    requests: crossbeam_channel::Sender<Request>,
+    /// Counters.
+    stats: Arc<WorkerStats>,
+    /// Scratch for the cache key (kept here so a hit does not allocate or use much stack).
+    key: [u8; KEY_MAX],
+    /// A request was queued since the last [`Handler::take_wake`].
+    wake_control: bool,
+}
+
+impl Handler {
+    /// A handler for worker `worker`.
+    pub fn new(
+        worker: usize,
+        settings: Settings,
+        requests: crossbeam_channel::Sender<Request>,
+        stats: Arc<WorkerStats>,
+    ) -> Handler {
+        Handler {
+            worker,
+            settings,
+            shard: Shard::new(settings.limits),
+            pending: Pending::new(settings.max_misses, settings.max_waiters),
+            requests,
+            stats,
+            key: [0; KEY_MAX],
+            wake_control: false,
+        }
+    }
+
+    /// Handles one query from `origin`, writing any reply into `out`.
+    ///
+    /// A cache hit does not allocate.
+    pub fn handle_query(
+        &mut self,
+        bytes: &[u8],
+        now: Instant,
+        origin: Origin,
+        out: &mut [u8],
+    ) -> Action {
+        let udp_payload = self.settings.udp_payload;
+        let limit = match origin {
+            Origin::Udp { .. } => {
+                self.stats.bump(Counter::UdpQueries);
+                None
+            }
+            Origin::Tcp { .. } => {
+                self.stats.bump(Counter::TcpQueries);
+                Some(TCP_MESSAGE_MAX)
+            }
+        };
+        let query = match Query::parse(bytes) {
+            Ok(query) => query,
+            Err(rejection) => return self.reject(bytes, rejection, out),
+        };
+        let limit = limit.unwrap_or_else(|| query.udp_limit(udp_payload));
+        let key_len = query.key_into(&mut self.key);
+        let key = &self.key[..key_len];
+        if let Lookup::Hit { answer, ttl_secs } = self.shard.lookup(key, now) {
+            self.stats.bump(Counter::CacheHits);
+            let len = answer.write_reply(&query, ttl_secs, udp_payload, limit, out);
+            return self.sent(len, out);
+        }
+        self.stats.bump(Counter::CacheMisses);
+        let waiter = Waiter {
+            origin,
+            query: bytes.into(),
+        };
+        let deadline = now + self.settings.miss_deadline;
+        match self.pending.join(key, waiter, deadline) {
+            Joined::Coalesced => {
+                self.stats.bump(Counter::Coalesced);
+                Action::Parked
+            }
+            Joined::New(token) => {
+                let request = Request {
+                    worker: self.worker,
+                    token,
+                    query: dns::upstream_query(&query, udp_payload),
+                };
+                if self.requests.try_send(request).is_ok() {
+                    self.stats.bump(Counter::UpstreamRequests);
+                    self.wake_control = true;
+                    Action::Parked
+                } else {
+                    // Queue full (or control gone): answer now rather than wait (STYLE §2).
+                    self.pending.take(token);
+                    self.overloaded(&query, out)
+                }
+            }
+            Joined::Full => self.overloaded(&query, out),
+        }
+    }
+
+    /// Answers every client parked on `reply`'s miss through `send`, caching the answer if
+    /// it may be cached. `out` is scratch for building each reply.
+    pub fn handle_reply(
+        &mut self,
+        reply: Reply,
+        now: Instant,
+        out: &mut [u8],
+        send: &mut dyn FnMut(Origin, &[u8]),
+    ) {
+        let Some(miss) = self.pending.take(reply.token) else {
+            return;
+        };
+        let answer = match reply.outcome {
+            Outcome::Answer(bytes) => match Answer::from_upstream(&bytes, &miss.key) {
+                Ok(answer) => {
+                    self.stats.bump(Counter::UpstreamAnswers);
+                    Some(answer)
+                }
+                Err(_) => {
+                    self.stats.bump(Counter::UpstreamBadAnswers);
+                    None
+                }
+            },
+            Outcome::Failed(_) => {
+                self.stats.bump(Counter::UpstreamFailures);
+                None
+            }
+        };
+        let ttl_secs = answer
+            .as_ref()
+            .map_or(0, |answer| self.shard.reply_ttl(answer));
+        for waiter in &miss.waiters {
+            let Ok(query) = Query::parse(&waiter.query) else {
+                continue;
+            };
+            let len = match &answer {
+                Some(answer) => {
+                    let limit = match waiter.origin {
+                        Origin::Udp { .. } => query.udp_limit(self.settings.udp_payload),
+                        Origin::Tcp { .. } => TCP_MESSAGE_MAX,
+                    };
+                    answer.write_reply(&query, ttl_secs, self.settings.udp_payload, limit, out)
+                }
+                None => dns::write_servfail(&query, self.settings.udp_payload, out),
+            };
+            if let Action::Reply { len } = self.sent(len, out) {
+                send(waiter.origin, &out[..len]);
+            }
+        }
+        if let Some(answer) = answer {
+            self.shard.insert(&miss.key, answer, now);
+            self.stats
+                .set(Counter::Evictions, self.shard.counts().evictions);
+        }
+    }
+
+    /// Answers SERVFAIL to clients whose miss passed its deadline without a reply.
+    pub fn expire(&mut self, now: Instant, out: &mut [u8], send: &mut dyn FnMut(Origin, &[u8])) {
+        for miss in self.pending.take_expired(now) {
+            self.stats.add(Counter::UpstreamFailures, 1);
+            for waiter in &miss.waiters {
+                if let Ok(query) = Query::parse(&waiter.query) {
+                    let len = dns::write_servfail(&query, self.settings.udp_payload, out);
+                    if len > 0 {
+                        send(waiter.origin, &out[..len]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether requests were queued since the last call (the caller then writes the control
+    /// eventfd once for the whole batch).
+    pub fn take_wake(&mut self) -> bool {
+        std::mem::take(&mut self.wake_control)
+    }
+
+    /// Misses in flight.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Cached entries (success, denial).
+    pub fn cache_len(&self) -> (usize, usize) {
+        self.shard.len()
+    }
+
+    /// Applies new settings (reload): cache limits change in place, entries are kept.
+    pub fn set_settings(&mut self, settings: Settings) {
+        self.settings = settings;
+        self.shard.set_limits(settings.limits);
+    }
+
+    /// Turns a rejected query into an error reply or a drop.
+    fn reject(&mut self, bytes: &[u8], rejection: Rejection, out: &mut [u8]) -> Action {
+        let counter = match rejection {
+            Rejection::TooShort => Counter::DropTooShort,
+            Rejection::IsResponse => Counter::DropResponse,
+            Rejection::FormErr => Counter::FormErr,
+            Rejection::NotImp => Counter::NotImp,
+            Rejection::BadVers => Counter::BadVers,
+        };
+        self.stats.bump(counter);
+        match dns::write_error(bytes, rejection, self.settings.udp_payload, out) {
+            Some(len) => Action::Reply { len },
+            None if rejection == Rejection::IsResponse => Action::Drop(DropReason::IsResponse),
+            None => Action::Drop(DropReason::TooShort),
+        }
+    }
+
+    /// SERVFAIL for a query we cannot forward right now.
+    fn overloaded(&mut self, query: &Query<'_>, out: &mut [u8]) -> Action {
+        self.stats.bump(Counter::Overloaded);
+        let len = dns::write_servfail(query, self.settings.udp_payload, out);
+        self.sent(len, out)
+    }
+
+    /// A reply of `len` bytes is ready in `out` (0 = it did not fit).
+    fn sent(&self, len: usize, out: &[u8]) -> Action {
+        if len == 0 {
+            return Action::Drop(DropReason::NoRoom);
+        }
+        if out.get(2).is_some_and(|flags| flags & 0x02 != 0) {
+            self.stats.bump(Counter::Truncated);
+        }
+        Action::Reply { len }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::tests::{answer, query};
+    use crate::upstream::Failure;
+    use std::net::SocketAddr;
+
+    /// A handler for worker 0 with a request queue of `queue` slots.
+    fn handler(queue: usize) -> (Handler, crossbeam_channel::Receiver<Request>) {
+        let (requests, received) = crossbeam_channel::bounded(queue);
+        let settings = Settings {
+            udp_payload: 1232,
+            limits: Limits {
+                success_capacity: 100,
+                success_ttl: Duration::from_secs(30),
+                denial_capacity: 100,
+                denial_ttl: Duration::from_secs(5),
+                servfail_ttl: Duration::ZERO,
+            },
+            miss_deadline: Duration::from_secs(3),
+            max_misses: 16,
+            max_waiters: 4,
+        };
+        let stats = Arc::new(WorkerStats::default());
+        (Handler::new(0, settings, requests, stats), received)
+    }
+
+    /// A UDP origin with client port `port`.
+    fn udp(port: u16) -> Origin {
+        let peer: SocketAddr = ([127, 0, 0, 1], port).into();
+        Origin::Udp { socket: 0, peer }
+    }
+
+    /// Delivers `reply` and collects what is sent to whom.
+    fn deliver(handler: &mut Handler, reply: Reply, now: Instant) -> Vec<(Origin, Vec<u8>)> {
+        let mut out = vec![0u8; TCP_MESSAGE_MAX];
+        let mut sent = Vec::new();
+        handler.handle_reply(reply, now, &mut out, &mut |origin, bytes| {
+            sent.push((origin, bytes.to_vec()))
+        });
+        sent
+    }
+
+    #[test]
+    fn miss_then_hit_from_cache() {
+        let (mut handler, requests) = handler(8);
+        let now = Instant::now();
+        let mut out = vec![0u8; 1232];
+        let q = query("svc.cluster.local", 1, None);
+        assert_eq!(
+            handler.handle_query(&q, now, udp(1000), &mut out),
+            Action::Parked
+        );
+        assert!(handler.take_wake());
+        let request = requests.try_recv().expect("one request upstream");
+        let upstream = answer(&request.query, 0, &[30], None);
+        let sent = deliver(
+            &mut handler,
+            Reply {
+                token: request.token,
+                outcome: Outcome::Answer(upstream),
+            },
+            now,
+        );
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].0, udp(1000));
+        assert_eq!(&sent[0].1[..2], &[0x12, 0x34], "client ID restored");
+        let Action::Reply { len } = handler.handle_query(&q, now, udp(1001), &mut out) else {
+            panic!("second query must be a cache hit");
+        };
+        assert_eq!(&out[..2], &[0x12, 0x34]);
+        assert!(len > q.len());
+        assert!(requests.try_recv().is_err(), "hit sends nothing upstream");
+    }
+
+    #[test]
+    fn identical_misses_send_one_request_and_answer_all() {
+        let (mut handler, requests) = handler(8);
+        let now = Instant::now();
+        let mut out = vec![0u8; 1232];
+        let q = query("svc.cluster.local", 1, None);
+        for port in 0..3 {
+            assert_eq!(
+                handler.handle_query(&q, now, udp(port), &mut out),
+                Action::Parked
+            );
+        }
+        let request = requests.try_recv().expect("one request");
+        assert!(requests.try_recv().is_err(), "coalesced");
+        let sent = deliver(
+            &mut handler,
+            Reply {
+                token: request.token,
+                outcome: Outcome::Answer(answer(&request.query, 0, &[30], None)),
+            },
+            now,
+        );
+        assert_eq!(sent.len(), 3);
+    }
+
+    #[test]
+    fn failure_answers_servfail_to_every_waiter() {
+        let (mut handler, requests) = handler(8);
+        let now = Instant::now();
+        let mut out = vec![0u8; 1232];
+        let q = query("dead.test", 1, None);
+        handler.handle_query(&q, now, udp(1), &mut out);
+        handler.handle_query(&q, now, Origin::Tcp { conn: 7 }, &mut out);
+        let request = requests.try_recv().expect("request");
+        let sent = deliver(
+            &mut handler,
+            Reply {
+                token: request.token,
+                outcome: Outcome::Failed(Failure::Timeout),
+            },
+            now,
+        );
+        assert_eq!(sent.len(), 2);
+        for (_, bytes) in sent {
+            assert_eq!(bytes[3] & 0x0f, 2, "SERVFAIL");
+        }
+        assert_eq!(handler.pending_len(), 0);
+    }
+
+    #[test]
+    fn full_queue_answers_servfail_at_once() {
+        let (mut handler, _requests) = handler(1);
+        let now = Instant::now();
+        let mut out = vec![0u8; 1232];
+        let first = query("a.test", 1, None);
+        assert_eq!(
+            handler.handle_query(&first, now, udp(1), &mut out),
+            Action::Parked
+        );
+        let second = query("b.test", 1, None);
+        let Action::Reply { len } = handler.handle_query(&second, now, udp(2), &mut out) else {
+            panic!("queue full must answer SERVFAIL now");
+        };
+        assert!(len >= 12);
+        assert_eq!(out[3] & 0x0f, 2);
+        assert_eq!(handler.pending_len(), 1);
+    }
+
+    #[test]
+    fn expired_miss_is_answered_by_the_worker() {
+        let (mut handler, _requests) = handler(8);
+        let now = Instant::now();
+        let mut out = vec![0u8; 1232];
+        handler.handle_query(&query("slow.test", 1, None), now, udp(1), &mut out);
+        let mut sent = Vec::new();
+        handler.expire(
+            now + Duration::from_secs(4),
+            &mut out,
+            &mut |origin, bytes| sent.push((origin, bytes[3] & 0x0f)),
+        );
+        assert_eq!(sent, vec![(udp(1), 2)]);
+    }
+
+    #[test]
+    fn bad_input_is_dropped_or_answered() {
+        let (mut handler, requests) = handler(8);
+        let now = Instant::now();
+        let mut out = vec![0u8; 1232];
+        assert_eq!(
+            handler.handle_query(&[1, 2, 3], now, udp(1), &mut out),
+            Action::Drop(DropReason::TooShort)
+        );
+        let mut response = query("a.test", 1, None);
+        response[2] |= 0x80;
+        assert_eq!(
+            handler.handle_query(&response, now, udp(1), &mut out),
+            Action::Drop(DropReason::IsResponse)
+        );
+        let mut two = query("a.test", 1, None);
+        two[5] = 2;
+        assert!(matches!(
+            handler.handle_query(&two, now, udp(1), &mut out),
+            Action::Reply { .. }
+        ));
+        assert_eq!(out[3] & 0x0f, 1, "FORMERR");
+        assert!(requests.try_recv().is_err());
+    }
+
+    #[test]
+    fn wrong_answer_is_servfail_and_not_cached() {
+        let (mut handler, requests) = handler(8);
+        let now = Instant::now();
+        let mut out = vec![0u8; 1232];
+        let q = query("right.test", 1, None);
+        handler.handle_query(&q, now, udp(1), &mut out);
+        let request = requests.try_recv().expect("request");
+        let wrong = answer(&query("wrong.test", 1, None), 0, &[30], None);
+        let sent = deliver(
+            &mut handler,
+            Reply {
+                token: request.token,
+                outcome: Outcome::Answer(wrong),
+            },
+            now,
+        );
+        assert_eq!(sent[0].1[3] & 0x0f, 2);
+        assert_eq!(handler.cache_len(), (0, 0));
+    }
+}

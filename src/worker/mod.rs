@@ -1,0 +1,375 @@
+//! Data plane: one pinned worker per core, each with its own sockets, runtime and cache shard.
+//!
+//! Runs on: worker threads (`ringdns-w{core}`).
+//!
+//! A worker thread runs a current-thread tokio runtime. On it run: the TCP accept loops and
+//! connections ([`tcp`]), the control loop (upstream replies arriving on this worker's
+//! channel, signalled through its eventfd), a one-second tick that answers misses whose reply
+//! never came, and the UDP path, which is either the io_uring ring (multishot `RecvMsg` with a
+//! provided buffer ring, replies built in place into registered send slots, see [`ring`]) or,
+//! where io_uring is unavailable, tokio's epoll sockets ([`udp`]). The DNS logic above both is
+//! the same [`handler::Handler`].
+
+pub mod bufs;
+pub mod handler;
+pub mod pending;
+pub mod ring;
+pub mod sockets;
+pub mod stats;
+pub mod tcp;
+pub mod udp;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::{TcpListener, UdpSocket};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sys::eventfd::EventFd;
+use tokio::sync::mpsc;
+
+use crate::upstream::{ControlLink, Reply};
+
+use handler::{Handler, Settings, TCP_MESSAGE_MAX};
+use pending::Origin;
+use stats::{Counter, WorkerStats};
+use udp::EpollUdp;
+
+/// Checks that io_uring can be set up here with what the UDP ring needs; the error says why not.
+pub fn probe_uring() -> Result<(), String> {
+    ring::probe()
+}
+
+/// How often a worker looks for misses whose reply never came.
+const TICK: Duration = Duration::from_secs(1);
+
+/// The I/O backend a worker runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// UDP on io_uring.
+    Uring,
+    /// UDP on epoll (tokio sockets).
+    Epoll,
+}
+
+impl Backend {
+    /// The name used in logs, the ready line and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Uring => "uring",
+            Backend::Epoll => "epoll",
+        }
+    }
+}
+
+/// A message from the control side to one worker.
+#[derive(Debug)]
+pub enum Command {
+    /// New settings (reload): swapped in between datagrams.
+    Settings(Settings),
+    /// Stop serving and exit the thread.
+    Stop,
+}
+
+/// Everything one worker needs, built by the control side before the thread starts.
+#[derive(Debug)]
+pub struct WorkerSetup {
+    /// Worker index.
+    pub index: usize,
+    /// CPU to pin to (`None`: not pinned).
+    pub core: Option<core_affinity::CoreId>,
+    /// I/O backend.
+    pub backend: Backend,
+    /// One UDP socket per listen address (bound, SO_REUSEPORT).
+    pub udp: Vec<UdpSocket>,
+    /// One TCP listener per listen address.
+    pub tcp: Vec<TcpListener>,
+    /// DNS settings.
+    pub settings: Settings,
+    /// TCP idle timeout.
+    pub tcp_idle_timeout: Duration,
+    /// TCP connection cap for this worker.
+    pub max_tcp_connections: usize,
+    /// To the control side.
+    pub control: ControlLink,
+    /// Upstream replies for this worker.
+    pub replies: crossbeam_channel::Receiver<Reply>,
+    /// Control commands for this worker.
+    pub commands: crossbeam_channel::Receiver<Command>,
+    /// Written by the control side after sending a reply or a command.
+    pub wake: Arc<EventFd>,
+    /// This worker's counters.
+    pub stats: Arc<WorkerStats>,
+}
+
+/// Starts the worker thread `ringdns-w{core}`.
+pub fn spawn(setup: WorkerSetup) -> io::Result<JoinHandle<()>> {
+    let name = match setup.core {
+        Some(core) => format!("ringdns-w{}", core.id),
+        None => format!("ringdns-w{}", setup.index),
+    };
+    std::thread::Builder::new().name(name).spawn(move || {
+        let index = setup.index;
+        if let Some(core) = setup.core {
+            if !core_affinity::set_for_current(core) {
+                log::warn!("worker not pinned worker={index} core={}", core.id);
+            }
+        }
+        if let Err(error) = run(setup) {
+            log::error!("worker failed worker={index} error={error}");
+        }
+    })
+}
+
+/// The worker's state shared by its tasks (all on this one thread: `Rc<RefCell<_>>`, never
+/// borrowed across an `.await`).
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// DNS logic, cache shard, pending misses.
+    handler: Handler,
+    /// The UDP backend, for answering parked UDP clients.
+    udp: Udp,
+    /// Open TCP connections: where to queue their answers.
+    tcp: HashMap<u64, mpsc::UnboundedSender<Vec<u8>>>,
+    /// Last connection number handed out.
+    next_conn: u64,
+    /// Connection cap.
+    max_tcp_connections: usize,
+    /// Idle timeout.
+    tcp_idle_timeout: Duration,
+    /// Scratch for replies (TCP-sized).
+    out: Box<[u8]>,
+    /// Counters.
+    stats: Arc<WorkerStats>,
+    /// To the control side (its eventfd).
+    control_wake: Arc<EventFd>,
+}
+
+/// The UDP side of a worker.
+#[derive(Debug)]
+enum Udp {
+    /// tokio sockets.
+    Epoll(EpollUdp),
+    /// The io_uring fast path.
+    Uring(Box<ring::RingUdp>),
+}
+
+impl Shared {
+    /// Writes the control eventfd if this batch queued requests.
+    fn flush_wake(&mut self) {
+        if self.handler.take_wake() {
+            let _ = self.control_wake.write(1);
+        }
+    }
+
+    /// Answers every parked client of `reply`.
+    fn deliver(&mut self, reply: Reply, now: Instant) {
+        let Shared {
+            handler,
+            udp,
+            tcp,
+            out,
+            stats,
+            ..
+        } = self;
+        handler.handle_reply(reply, now, &mut out[..], &mut |origin, bytes| {
+            send_parked(udp, tcp, stats, origin, bytes);
+        });
+        udp.flush();
+    }
+
+    /// Answers SERVFAIL to clients whose miss has outlived its deadline.
+    fn expire(&mut self, now: Instant) {
+        let Shared {
+            handler,
+            udp,
+            tcp,
+            out,
+            stats,
+            ..
+        } = self;
+        handler.expire(now, &mut out[..], &mut |origin, bytes| {
+            send_parked(udp, tcp, stats, origin, bytes);
+        });
+        udp.flush();
+    }
+}
+
+impl Udp {
+    /// Submits sends queued by `send_parked` (io_uring); nothing to do on epoll.
+    fn flush(&mut self) {
+        if let Udp::Uring(ring) = self {
+            ring.flush();
+        }
+    }
+}
+
+/// Sends an answer to a client that was parked on a miss.
+fn send_parked(
+    udp: &mut Udp,
+    tcp: &HashMap<u64, mpsc::UnboundedSender<Vec<u8>>>,
+    stats: &WorkerStats,
+    origin: Origin,
+    bytes: &[u8],
+) {
+    let sent = match origin {
+        Origin::Udp { socket, peer } => match udp {
+            Udp::Epoll(epoll) => epoll.send(socket, peer, bytes),
+            Udp::Uring(ring) => ring.send(socket, peer, bytes),
+        },
+        Origin::Tcp { conn } => tcp
+            .get(&conn)
+            .is_some_and(|frames| frames.send(tcp::frame(bytes)).is_ok()),
+    };
+    if !sent {
+        stats.bump(Counter::SendErrors);
+    }
+}
+
+/// Runs the worker until it is told to stop.
+fn run(setup: WorkerSetup) -> io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, serve(setup))
+}
+
+/// The worker's tasks; returns when a [`Command::Stop`] arrives.
+async fn serve(setup: WorkerSetup) -> io::Result<()> {
+    let WorkerSetup {
+        index,
+        backend,
+        udp,
+        tcp,
+        settings,
+        tcp_idle_timeout,
+        max_tcp_connections,
+        control,
+        replies,
+        commands,
+        wake,
+        stats,
+        ..
+    } = setup;
+    let udp = match backend {
+        Backend::Epoll => Udp::Epoll(EpollUdp::new(udp)?),
+        Backend::Uring => Udp::Uring(Box::new(ring::RingUdp::new(
+            udp,
+            usize::from(settings.udp_payload),
+        )?)),
+    };
+    let listeners = tcp
+        .into_iter()
+        .map(tokio::net::TcpListener::from_std)
+        .collect::<io::Result<Vec<_>>>()?;
+    let shared = Rc::new(RefCell::new(Shared {
+        handler: Handler::new(index, settings, control.requests.clone(), stats.clone()),
+        udp,
+        tcp: HashMap::new(),
+        next_conn: 0,
+        max_tcp_connections,
+        tcp_idle_timeout,
+        out: vec![0u8; TCP_MESSAGE_MAX].into_boxed_slice(),
+        stats,
+        control_wake: control.wake.clone(),
+    }));
+    let ring_events = match &shared.borrow().udp {
+        Udp::Epoll(epoll) => {
+            for (socket_index, socket) in epoll.sockets().iter().enumerate() {
+                let socket_index =
+                    u16::try_from(socket_index).expect("listen addresses are far fewer than 65536");
+                tokio::task::spawn_local(udp::receive_loop(
+                    shared.clone(),
+                    socket.clone(),
+                    socket_index,
+                ));
+            }
+            None
+        }
+        Udp::Uring(ring) => Some(ring.events()),
+    };
+    if let Some(events) = ring_events {
+        tokio::task::spawn_local(ring_loop(shared.clone(), ring::async_eventfd(events)?));
+    }
+    for listener in listeners {
+        tokio::task::spawn_local(tcp::accept_loop(shared.clone(), listener));
+    }
+    tokio::task::spawn_local(tick(shared.clone()));
+    control_loop(shared, wake, replies, commands).await
+}
+
+/// Delivers upstream replies and control commands whenever the eventfd is written.
+async fn control_loop(
+    shared: Rc<RefCell<Shared>>,
+    wake: Arc<EventFd>,
+    replies: crossbeam_channel::Receiver<Reply>,
+    commands: crossbeam_channel::Receiver<Command>,
+) -> io::Result<()> {
+    let wake = ring::async_eventfd(wake)?;
+    loop {
+        let mut guard = wake.readable().await?;
+        // Reset the counter; readiness is cleared only when it reads as empty, so a write
+        // that lands after the drain below wakes us again.
+        if let Err(error) = guard.get_inner().0.read() {
+            if error == nix::errno::Errno::EAGAIN {
+                guard.clear_ready();
+            }
+        }
+        let now = Instant::now();
+        let mut state = shared.borrow_mut();
+        while let Ok(reply) = replies.try_recv() {
+            state.deliver(reply, now);
+        }
+        state.flush_wake();
+        while let Ok(command) = commands.try_recv() {
+            match command {
+                Command::Settings(settings) => state.handler.set_settings(settings),
+                Command::Stop => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Drives the io_uring UDP path: whenever the kernel signals the ring's eventfd, handle every
+/// completion.
+async fn ring_loop(shared: Rc<RefCell<Shared>>, events: tokio::io::unix::AsyncFd<ring::WakeFd>) {
+    loop {
+        let Ok(mut guard) = events.readable().await else {
+            return;
+        };
+        if guard.get_inner().0.read() == Err(nix::errno::Errno::EAGAIN) {
+            guard.clear_ready();
+        }
+        let now = Instant::now();
+        let mut state = shared.borrow_mut();
+        let Shared {
+            handler,
+            udp: Udp::Uring(ring),
+            stats,
+            ..
+        } = &mut *state
+        else {
+            return;
+        };
+        ring.poll(handler, stats, now);
+        state.flush_wake();
+    }
+}
+
+/// Once a second: answer misses whose reply never came.
+async fn tick(shared: Rc<RefCell<Shared>>) {
+    let mut interval = tokio::time::interval(TICK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let mut state = shared.borrow_mut();
+        if state.handler.pending_len() > 0 {
+            state.expire(Instant::now());
+        }
+    }
+}

@@ -1,0 +1,399 @@
+//! The io_uring UDP fast path: multishot RecvMsg with a provided buffer ring, replies built in
+//! place into send slots, SINGLE_ISSUER + DEFER_TASKRUN.
+//!
+//! Runs on: worker threads (io_uring backend).
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::types::{CancelBuilder, Fd, RecvMsgOut, SubmitArgs, Timespec};
+use io_uring::{cqueue, opcode, squeue, IoUring, Probe};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use super::bufs::{decode_addr, BufRing, SendSlots, ADDR_LEN};
+use super::handler::{Action, Handler};
+use super::pending::Origin;
+use super::stats::{Counter, WorkerStats};
+
+/// Submission queue entries (completion queue: 4× as many, so bursts do not overflow it).
+const RING_ENTRIES: u32 = 1024;
+
+/// Provided receive buffers (a power of two).
+const RECV_BUFFERS: u16 = 1024;
+
+/// Send slots: replies in flight at once.
+const SEND_SLOTS: u16 = 1024;
+
+/// The provided-buffer group id used by every UDP socket of the worker.
+const BUF_GROUP: u16 = 0;
+
+/// `user_data` bit marking a SendMsg completion (else: a receive on socket `user_data`).
+const SEND_TAG: u64 = 1 << 63;
+
+/// `user_data` of the cancel-all request sent on drop.
+const CANCEL_TAG: u64 = 1 << 62;
+
+/// How long `Drop` waits for cancelled operations to complete, in total.
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
+/// The worker's UDP sockets on one io_uring.
+///
+/// # Ownership of memory shared with the kernel
+///
+/// `recv_msghdr` (read by every armed multishot RecvMsg), the buffer ring `bufs` (written by
+/// the kernel) and the send slots in flight (read by their SendMsg) stay valid and unmoved
+/// until every operation that references them has completed: `Drop` cancels everything and
+/// reaps CQEs until `in_flight` is zero before any of them is freed (fields drop in
+/// declaration order, the ring first).
+pub struct RingUdp {
+    /// The ring (single issuer: only this worker thread submits).
+    ring: IoUring,
+    /// One socket per listen address; index = `Origin::Udp::socket`.
+    sockets: Vec<UdpSocket>,
+    /// Template for multishot RecvMsg: only name and control lengths matter.
+    recv_msghdr: Box<libc::msghdr>,
+    /// Provided receive buffers.
+    bufs: BufRing,
+    /// Reply buffers.
+    slots: SendSlots,
+    /// Operations submitted whose final CQE has not been reaped.
+    in_flight: usize,
+    /// Whether each socket's multishot receive is armed.
+    armed: Vec<bool>,
+    /// Registered with the ring: written by the kernel when completions (or deferred task
+    /// work) are ready, so the worker's tokio loop can wait on it.
+    events: Arc<EventFd>,
+    /// SQEs pushed since the last submit.
+    unsubmitted: bool,
+}
+
+impl std::fmt::Debug for RingUdp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingUdp")
+            .field("sockets", &self.sockets.len())
+            .field("in_flight", &self.in_flight)
+            .field("slots", &self.slots)
+            .finish()
+    }
+}
+
+impl RingUdp {
+    /// Sets up the ring for `sockets`, registers the buffer ring and the eventfd, and arms a
+    /// multishot receive on every socket. Replies are at most `slot_len` bytes.
+    pub fn new(sockets: Vec<UdpSocket>, slot_len: usize) -> io::Result<RingUdp> {
+        let ring: IoUring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_taskrun_flag()
+            .setup_cqsize(RING_ENTRIES * 4)
+            .build(RING_ENTRIES)?;
+        let events = Arc::new(
+            EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+                .map_err(io::Error::from)?,
+        );
+        ring.submitter().register_eventfd(events.as_raw_fd())?;
+        let bufs = BufRing::new(RECV_BUFFERS);
+        // SAFETY: `bufs` owns the descriptor ring at `ring_addr()` with `entries()`
+        // descriptors; it is dropped only after the ring (field order, and `Drop` drains the
+        // ring first), so it outlives the registration.
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                bufs.ring_addr(),
+                bufs.entries(),
+                BUF_GROUP,
+                0,
+            )
+        }?;
+        // SAFETY: all-zero bytes are a valid msghdr (null pointers, zero lengths).
+        let mut recv_msghdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        recv_msghdr.msg_namelen = ADDR_LEN as libc::socklen_t;
+        let armed = vec![false; sockets.len()];
+        let mut udp = RingUdp {
+            ring,
+            sockets,
+            recv_msghdr,
+            bufs,
+            slots: SendSlots::new(SEND_SLOTS, slot_len),
+            in_flight: 0,
+            armed,
+            events,
+            unsubmitted: false,
+        };
+        udp.arm_receives()?;
+        udp.ring.submit()?;
+        udp.unsubmitted = false;
+        Ok(udp)
+    }
+
+    /// The eventfd the kernel writes when there is work; wait on it, then call
+    /// [`RingUdp::poll`].
+    pub fn events(&self) -> Arc<EventFd> {
+        self.events.clone()
+    }
+
+    /// Pushes one SQE, submitting first if the submission queue is full.
+    fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        for _ in 0..2 {
+            // SAFETY: every SQE built here references only memory owned by `self` that stays
+            // valid until its CQE is reaped (see the type's docs): the recv msghdr and buffer
+            // ring for receives, an in-flight send slot for sends.
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                self.unsubmitted = true;
+                return Ok(());
+            }
+            self.ring.submit()?;
+        }
+        Err(io::Error::other("io_uring submission queue stays full"))
+    }
+
+    /// Arms a multishot RecvMsg on every socket that has none.
+    fn arm_receives(&mut self) -> io::Result<()> {
+        for index in 0..self.sockets.len() {
+            if self.armed[index] {
+                continue;
+            }
+            let fd = Fd(self.sockets[index].as_raw_fd());
+            let entry = opcode::RecvMsgMulti::new(fd, &*self.recv_msghdr, BUF_GROUP)
+                .build()
+                .user_data(index as u64);
+            self.push(&entry)?;
+            self.armed[index] = true;
+            self.in_flight += 1;
+        }
+        Ok(())
+    }
+
+    /// Queues `bytes` to `peer` from socket `socket`; `false` if no send slot is free.
+    pub fn send(&mut self, socket: u16, peer: SocketAddr, bytes: &[u8]) -> bool {
+        let Some(slot) = self.slots.acquire() else {
+            return false;
+        };
+        let buffer = self.slots.buffer(slot);
+        if bytes.len() > buffer.len() || usize::from(socket) >= self.sockets.len() {
+            self.slots.release(slot);
+            return false;
+        }
+        buffer[..bytes.len()].copy_from_slice(bytes);
+        self.submit_slot(socket, slot, bytes.len(), peer)
+    }
+
+    /// Sends the first `len` bytes of `slot` to `peer`; the slot is released on failure.
+    fn submit_slot(&mut self, socket: u16, slot: u16, len: usize, peer: SocketAddr) -> bool {
+        let msghdr = self.slots.prepare(slot, len, peer);
+        let fd = Fd(self.sockets[usize::from(socket)].as_raw_fd());
+        let entry = opcode::SendMsg::new(fd, msghdr)
+            .build()
+            .user_data(SEND_TAG | u64::from(slot));
+        if self.push(&entry).is_err() {
+            self.slots.release(slot);
+            return false;
+        }
+        self.in_flight += 1;
+        true
+    }
+
+    /// Submits queued SQEs (if any).
+    pub fn flush(&mut self) {
+        if self.unsubmitted && self.ring.submit().is_ok() {
+            self.unsubmitted = false;
+        }
+    }
+
+    /// Runs deferred completions and handles every CQE: answers queries (hits in place into a
+    /// send slot), frees send slots, re-arms receives. Loops until the ring has nothing more.
+    pub fn poll(&mut self, handler: &mut Handler, stats: &WorkerStats, now: Instant) {
+        loop {
+            // Runs deferred task work (DEFER_TASKRUN) and submits queued sends.
+            let _ = self.ring.submit();
+            self.unsubmitted = false;
+            let mut handled = 0usize;
+            loop {
+                let Some(cqe) = self.ring.completion().next() else {
+                    break;
+                };
+                handled += 1;
+                self.complete(&cqe, handler, stats, now);
+            }
+            self.bufs.publish();
+            if self.arm_receives().is_err() {
+                stats.bump(Counter::SendErrors);
+            }
+            if handled == 0 {
+                self.flush();
+                return;
+            }
+        }
+    }
+
+    /// Handles one completion.
+    fn complete(
+        &mut self,
+        cqe: &cqueue::Entry,
+        handler: &mut Handler,
+        stats: &WorkerStats,
+        now: Instant,
+    ) {
+        let user_data = cqe.user_data();
+        if user_data & SEND_TAG != 0 {
+            self.in_flight -= 1;
+            if cqe.result() < 0 {
+                stats.bump(Counter::SendErrors);
+            }
+            self.slots.release((user_data & !SEND_TAG) as u16);
+            return;
+        }
+        if user_data & CANCEL_TAG != 0 {
+            self.in_flight -= 1;
+            return;
+        }
+        let socket = user_data as usize;
+        if !cqueue::more(cqe.flags()) {
+            self.in_flight -= 1;
+            if let Some(armed) = self.armed.get_mut(socket) {
+                *armed = false;
+            }
+        }
+        let Some(bid) = cqueue::buffer_select(cqe.flags()) else {
+            return;
+        };
+        if let Ok(len) = usize::try_from(cqe.result()) {
+            self.answer(socket, bid, len, handler, stats, now);
+        }
+        self.bufs.recycle(bid);
+    }
+
+    /// Handles the datagram in buffer `bid` (first `len` bytes) received on `socket`.
+    fn answer(
+        &mut self,
+        socket: usize,
+        bid: u16,
+        len: usize,
+        handler: &mut Handler,
+        stats: &WorkerStats,
+        now: Instant,
+    ) {
+        let Some(filled) = self.bufs.filled(bid, len) else {
+            return;
+        };
+        let Ok(message) = RecvMsgOut::parse(filled, &self.recv_msghdr) else {
+            return;
+        };
+        if message.is_payload_truncated() || message.is_name_data_truncated() {
+            stats.bump(Counter::DropTooShort);
+            return;
+        }
+        let Some(peer) = decode_addr(message.name_data()) else {
+            return;
+        };
+        let Some(slot) = self.slots.acquire() else {
+            stats.bump(Counter::SendErrors);
+            return;
+        };
+        let socket = socket as u16;
+        let origin = Origin::Udp { socket, peer };
+        match handler.handle_query(message.payload_data(), now, origin, self.slots.buffer(slot)) {
+            Action::Reply { len } => {
+                if !self.submit_slot(socket, slot, len, peer) {
+                    stats.bump(Counter::SendErrors);
+                }
+            }
+            Action::Parked | Action::Drop(_) => self.slots.release(slot),
+        }
+    }
+}
+
+impl Drop for RingUdp {
+    /// Cancels every operation and reaps CQEs until none is in flight, so that the kernel no
+    /// longer references the buffers, msghdr or slots when they are freed.
+    fn drop(&mut self) {
+        let cancel = opcode::AsyncCancel2::new(CancelBuilder::any())
+            .build()
+            .user_data(CANCEL_TAG);
+        if self.push(&cancel).is_ok() {
+            self.in_flight += 1;
+        }
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        let timeout = Timespec::new().nsec(50_000_000);
+        while self.in_flight > 0 && Instant::now() < deadline {
+            let args = SubmitArgs::new().timespec(&timeout);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+            while let Some(cqe) = self.ring.completion().next() {
+                let user_data = cqe.user_data();
+                let last = user_data & (SEND_TAG | CANCEL_TAG) != 0 || !cqueue::more(cqe.flags());
+                if last {
+                    self.in_flight -= 1;
+                }
+            }
+        }
+        if self.in_flight > 0 {
+            // The kernel may still own buffers: leaking them is the only sound choice.
+            log::error!(
+                "io_uring did not drain in_flight={}; leaking its buffers",
+                self.in_flight
+            );
+            let bufs = std::mem::replace(&mut self.bufs, BufRing::new(1));
+            std::mem::forget(bufs);
+            let slots = std::mem::replace(&mut self.slots, SendSlots::new(0, 0));
+            std::mem::forget(slots);
+            // SAFETY: all-zero bytes are a valid msghdr.
+            let msghdr = std::mem::replace(
+                &mut self.recv_msghdr,
+                Box::new(unsafe { std::mem::zeroed() }),
+            );
+            std::mem::forget(msghdr);
+        } else {
+            let _ = self.ring.submitter().unregister_buf_ring(BUF_GROUP);
+        }
+    }
+}
+
+/// Sets up a small ring with the flags the UDP path uses and checks the opcodes it needs.
+pub fn probe() -> Result<(), String> {
+    let ring: IoUring = IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(8)
+        .map_err(|error| format!("io_uring_setup with SINGLE_ISSUER|DEFER_TASKRUN failed: {error} (kernel 6.1+ needed; seccomp or kernel.io_uring_disabled may forbid io_uring)"))?;
+    let mut probe = Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|error| format!("io_uring probe failed: {error}"))?;
+    for (code, name) in [
+        (opcode::RecvMsgMulti::CODE, "RECVMSG"),
+        (opcode::SendMsg::CODE, "SENDMSG"),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(format!(
+                "io_uring opcode {name} not supported by this kernel"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An eventfd shared between threads, as a file descriptor tokio can poll.
+///
+/// It holds its own `Arc`, so the descriptor stays open for as long as the `AsyncFd` that owns
+/// this value exists.
+#[derive(Debug)]
+pub struct WakeFd(pub Arc<EventFd>);
+
+impl AsRawFd for WakeFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Registers `wake` with the current tokio reactor for readability.
+pub fn async_eventfd(wake: Arc<EventFd>) -> io::Result<AsyncFd<WakeFd>> {
+    // SAFETY: `WakeFd` owns an `Arc<EventFd>`; the EventFd (and so its descriptor) is closed
+    // only when the last Arc drops, which cannot happen while the AsyncFd owns this clone, and
+    // `as_raw_fd` always returns that same descriptor.
+    unsafe { AsyncFd::register_with_interest(WakeFd(wake), Interest::READABLE) }
+        .map_err(|error| error.into_parts().1)
+}

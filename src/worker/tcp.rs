@@ -1,0 +1,114 @@
+//! TCP clients (RFC 7766): framing, pipelining, out-of-order answers, idle timeout, cap.
+//!
+//! Runs on: worker threads (tasks on the worker's current-thread runtime, both backends).
+#![forbid(unsafe_code)]
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use super::handler::Action;
+use super::pending::Origin;
+use super::stats::Counter;
+use super::Shared;
+
+/// Accepts connections on `listener` until the worker stops; over the cap, a new connection
+/// is closed at once (the client retries elsewhere or later).
+pub(super) async fn accept_loop(shared: Rc<RefCell<Shared>>, listener: TcpListener) {
+    loop {
+        let Ok((stream, _peer)) = listener.accept().await else {
+            // EMFILE and friends: back off briefly instead of spinning.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let conn = {
+            let mut state = shared.borrow_mut();
+            if state.tcp.len() >= state.max_tcp_connections {
+                state.stats.bump(Counter::TcpRefused);
+                continue;
+            }
+            state.stats.bump(Counter::TcpAccepted);
+            state.next_conn += 1;
+            state.next_conn
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::task::spawn_local(serve(shared.clone(), stream, conn));
+    }
+}
+
+/// Serves one connection: reads length-prefixed queries and answers each as soon as it can
+/// (hits at once, misses when upstream answers), so answers may leave out of order (RFC 7766
+/// §6.2.1.1). Closes after `tcp_idle_timeout` with no query and nothing outstanding.
+async fn serve(shared: Rc<RefCell<Shared>>, stream: TcpStream, conn: u64) {
+    let (mut reader, mut writer) = stream.into_split();
+    let (frames, mut outgoing) = mpsc::unbounded_channel::<Vec<u8>>();
+    let idle = {
+        let mut state = shared.borrow_mut();
+        state.tcp.insert(conn, frames.clone());
+        state.tcp_idle_timeout
+    };
+    let writer_task = tokio::task::spawn_local(async move {
+        while let Some(frame) = outgoing.recv().await {
+            if writer.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+        let _ = writer.shutdown().await;
+    });
+    let mut message = Vec::new();
+    loop {
+        let mut prefix = [0u8; 2];
+        match tokio::time::timeout(idle, reader.read_exact(&mut prefix)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => break,
+            Err(_) => {
+                shared.borrow().stats.bump(Counter::TcpIdleClosed);
+                break;
+            }
+        }
+        let len = usize::from(u16::from_be_bytes(prefix));
+        message.resize(len, 0);
+        if reader.read_exact(&mut message).await.is_err() {
+            break;
+        }
+        let now = Instant::now();
+        let mut state = shared.borrow_mut();
+        let reply = state.handle_query(&message, now, Origin::Tcp { conn });
+        // A frame too short for a header cannot be answered: close rather than guess.
+        let keep_open = match reply {
+            Some(reply) => frames.send(reply).is_ok(),
+            None => len >= crate::dns::wire::HEADER_LEN,
+        };
+        state.flush_wake();
+        if !keep_open {
+            break;
+        }
+    }
+    shared.borrow_mut().tcp.remove(&conn);
+    drop(frames);
+    // The writer ends once every outstanding answer for this connection was sent or dropped.
+    let _ = writer_task.await;
+}
+
+impl Shared {
+    /// Handles one query and returns the framed reply to send, if any.
+    fn handle_query(&mut self, message: &[u8], now: Instant, origin: Origin) -> Option<Vec<u8>> {
+        let Shared { handler, out, .. } = self;
+        match handler.handle_query(message, now, origin, &mut out[..]) {
+            Action::Reply { len } => Some(frame(&out[..len])),
+            Action::Parked | Action::Drop(_) => None,
+        }
+    }
+}
+
+/// A DNS message with its 2-byte TCP length prefix (RFC 1035 §4.2.2).
+pub(super) fn frame(message: &[u8]) -> Vec<u8> {
+    let mut framed = Vec::with_capacity(message.len() + 2);
+    framed.extend_from_slice(&(message.len() as u16).to_be_bytes());
+    framed.extend_from_slice(message);
+    framed
+}

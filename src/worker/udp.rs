@@ -1,0 +1,98 @@
+//! UDP on the epoll backend: non-blocking receive/send on the worker's tokio sockets.
+//!
+//! Runs on: worker threads (epoll backend). The io_uring backend's UDP loop is in `ring.rs`.
+#![forbid(unsafe_code)]
+
+use std::cell::RefCell;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+use tokio::net::UdpSocket;
+
+use super::handler::Action;
+use super::pending::Origin;
+use super::stats::Counter;
+use super::Shared;
+
+/// Datagrams handled per readiness event before yielding to the worker's other tasks.
+const BATCH: usize = 64;
+
+/// Largest UDP query accepted (bigger ones are truncated by the kernel and fail to parse).
+pub const QUERY_MAX: usize = 4096;
+
+/// The epoll backend's UDP sockets, one per listen address.
+#[derive(Debug)]
+pub struct EpollUdp {
+    /// Indexed by `Origin::Udp::socket`.
+    sockets: Vec<Rc<UdpSocket>>,
+}
+
+impl EpollUdp {
+    /// Wraps the worker's bound sockets; must run inside the worker's runtime.
+    pub fn new(sockets: Vec<std::net::UdpSocket>) -> io::Result<EpollUdp> {
+        let sockets = sockets
+            .into_iter()
+            .map(|socket| UdpSocket::from_std(socket).map(Rc::new))
+            .collect::<io::Result<_>>()?;
+        Ok(EpollUdp { sockets })
+    }
+
+    /// The sockets, for spawning one receive loop each.
+    pub fn sockets(&self) -> &[Rc<UdpSocket>] {
+        &self.sockets
+    }
+
+    /// Sends `bytes` to `peer` from socket `socket` without waiting; `false` if it could not.
+    pub fn send(&self, socket: u16, peer: SocketAddr, bytes: &[u8]) -> bool {
+        self.sockets
+            .get(usize::from(socket))
+            .is_some_and(|udp| udp.try_send_to(bytes, peer).is_ok())
+    }
+}
+
+/// Receives and answers queries on socket `index` until the worker stops.
+pub(super) async fn receive_loop(shared: Rc<RefCell<Shared>>, socket: Rc<UdpSocket>, index: u16) {
+    let mut query = vec![0u8; QUERY_MAX];
+    loop {
+        if socket.readable().await.is_err() {
+            return;
+        }
+        receive_batch(&shared, &socket, index, &mut query);
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Handles up to [`BATCH`] datagrams waiting on `socket`.
+fn receive_batch(shared: &RefCell<Shared>, socket: &UdpSocket, index: u16, query: &mut [u8]) {
+    let mut state = shared.borrow_mut();
+    let now = Instant::now();
+    {
+        for _ in 0..BATCH {
+            let (len, peer) = match socket.try_recv_from(query) {
+                Ok(received) => received,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => continue,
+            };
+            let origin = Origin::Udp {
+                socket: index,
+                peer,
+            };
+            let Shared {
+                handler,
+                out,
+                stats,
+                ..
+            } = &mut *state;
+            if let Action::Reply { len } =
+                handler.handle_query(&query[..len], now, origin, &mut out[..])
+            {
+                if socket.try_send_to(&out[..len], peer).is_err() {
+                    stats.bump(Counter::SendErrors);
+                }
+            }
+        }
+    }
+    state.flush_wake();
+}
