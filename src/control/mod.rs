@@ -35,6 +35,9 @@ const MAX_WAITERS_PER_MISS: usize = 1024;
 /// itself (the control side always answers first unless it is broken).
 const MISS_DEADLINE_MARGIN: Duration = Duration::from_secs(1);
 
+/// How long start-up waits for every worker to report that it serves.
+const WORKER_START_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How `run` learns that it should stop.
 #[derive(Debug)]
 pub struct Shutdown {
@@ -87,6 +90,7 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let mut command_senders = Vec::with_capacity(workers);
     let mut all_stats = Vec::with_capacity(workers);
     let mut small_buffers = Vec::new();
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded(workers);
     for index in 0..workers {
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
@@ -123,6 +127,8 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             commands,
             wake,
             stats,
+            fallback: config.server.io == IoBackend::Auto,
+            ready: ready_tx.clone(),
         });
     }
     for (addr, actual) in small_buffers {
@@ -144,7 +150,9 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     for setup in setups {
         handles.push(worker::spawn(setup).context("starting a worker thread")?);
     }
-    log::info!("{}", ready_line(&config.server.listen, workers, backend));
+    drop(ready_tx);
+    let in_use = wait_ready(&ready_rx, workers)?;
+    log::info!("{}", ready_line(&config.server.listen, workers, in_use));
     let signal = shutdown.wait()?;
     log::info!("stopping signal={signal:?}");
     for (commands, wake) in &command_senders {
@@ -159,6 +167,31 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     upstream_side.stop();
     log::info!("stopped");
     Ok(())
+}
+
+/// Waits until every worker serves; returns the backend in use (epoll if any worker fell back).
+fn wait_ready(
+    ready: &crossbeam_channel::Receiver<Result<worker::Backend, String>>,
+    workers: usize,
+) -> anyhow::Result<Backend> {
+    let mut in_use = Backend::Uring;
+    let mut all_epoll = true;
+    for _ in 0..workers {
+        match ready.recv_timeout(WORKER_START_TIMEOUT) {
+            Ok(Ok(backend)) => {
+                all_epoll &= backend == Backend::Epoll;
+                if backend == Backend::Epoll {
+                    in_use = Backend::Epoll;
+                }
+            }
+            Ok(Err(reason)) => anyhow::bail!("a worker could not start: {reason}"),
+            Err(_) => anyhow::bail!("a worker did not start within {WORKER_START_TIMEOUT:?}"),
+        }
+    }
+    if in_use == Backend::Epoll && !all_epoll {
+        log::warn!("some workers run on epoll after io_uring setup failed in them");
+    }
+    Ok(in_use)
 }
 
 /// The one line tests and operators wait for.

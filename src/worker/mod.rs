@@ -103,6 +103,10 @@ pub struct WorkerSetup {
     pub wake: Arc<EventFd>,
     /// This worker's counters.
     pub stats: Arc<WorkerStats>,
+    /// With `backend = Uring`: fall back to epoll if the ring cannot be set up (`io = auto`).
+    pub fallback: bool,
+    /// Told once: the backend in use once the worker serves, or why it could not start.
+    pub ready: crossbeam_channel::Sender<Result<Backend, String>>,
 }
 
 /// Starts the worker thread `ringdns-w{core}`.
@@ -254,19 +258,38 @@ async fn serve(setup: WorkerSetup) -> io::Result<()> {
         commands,
         wake,
         stats,
+        fallback,
+        ready,
         ..
     } = setup;
-    let udp = match backend {
-        Backend::Epoll => Udp::Epoll(EpollUdp::new(udp)?),
-        Backend::Uring => Udp::Uring(Box::new(ring::RingUdp::new(
-            udp,
-            usize::from(settings.udp_payload),
-        )?)),
+    let udp = match open_udp(
+        index,
+        backend,
+        fallback,
+        udp,
+        usize::from(settings.udp_payload),
+    ) {
+        Ok(udp) => udp,
+        Err(error) => {
+            let _ = ready.send(Err(format!("worker={index}: UDP setup failed: {error}")));
+            return Err(error);
+        }
     };
-    let listeners = tcp
+    let in_use = match udp {
+        Udp::Epoll(_) => Backend::Epoll,
+        Udp::Uring(_) => Backend::Uring,
+    };
+    let listeners = match tcp
         .into_iter()
         .map(tokio::net::TcpListener::from_std)
-        .collect::<io::Result<Vec<_>>>()?;
+        .collect::<io::Result<Vec<_>>>()
+    {
+        Ok(listeners) => listeners,
+        Err(error) => {
+            let _ = ready.send(Err(format!("worker={index}: TCP setup failed: {error}")));
+            return Err(error);
+        }
+    };
     let shared = Rc::new(RefCell::new(Shared {
         handler: Handler::new(index, settings, control.requests.clone(), stats.clone()),
         udp,
@@ -300,7 +323,40 @@ async fn serve(setup: WorkerSetup) -> io::Result<()> {
         tokio::task::spawn_local(tcp::accept_loop(shared.clone(), listener));
     }
     tokio::task::spawn_local(tick(shared.clone()));
-    control_loop(shared, wake, replies, commands).await
+    let control = control_loop(shared, wake, replies, commands);
+    let _ = ready.send(Ok(in_use));
+    control.await
+}
+
+/// Sets up the UDP side on `backend`. If io_uring fails here although the start-up probe
+/// passed (e.g. locked-memory limits), the worker runs on epoll when `fallback` allows, with
+/// one warning; otherwise the error stops start-up.
+fn open_udp(
+    index: usize,
+    backend: Backend,
+    fallback: bool,
+    sockets: Vec<UdpSocket>,
+    slot_len: usize,
+) -> io::Result<Udp> {
+    if backend == Backend::Epoll {
+        return EpollUdp::new(sockets).map(Udp::Epoll);
+    }
+    let spares = if fallback {
+        sockets
+            .iter()
+            .map(UdpSocket::try_clone)
+            .collect::<io::Result<Vec<_>>>()?
+    } else {
+        Vec::new()
+    };
+    match ring::RingUdp::new(sockets, slot_len) {
+        Ok(ring) => Ok(Udp::Uring(Box::new(ring))),
+        Err(error) if fallback => {
+            log::warn!("io_uring setup failed, worker uses epoll worker={index} error={error}");
+            EpollUdp::new(spares).map(Udp::Epoll)
+        }
+        Err(error) => Err(error),
+    }
 }
 
 /// Delivers upstream replies and control commands whenever the eventfd is written.

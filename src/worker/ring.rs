@@ -352,24 +352,29 @@ impl Drop for RingUdp {
     }
 }
 
-/// Sets up a small ring with the flags the UDP path uses and checks the opcodes it needs.
+/// Checks that io_uring can be set up here exactly as a worker sets it up (ring flags,
+/// eventfd and buffer-ring registration) and that the kernel has the opcodes the UDP path
+/// uses. The error says what failed.
 pub fn probe() -> Result<(), String> {
-    let ring: IoUring = IoUring::builder()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .build(8)
-        .map_err(|error| format!("io_uring_setup with SINGLE_ISSUER|DEFER_TASKRUN failed: {error} (kernel 6.1+ needed; seccomp or kernel.io_uring_disabled may forbid io_uring)"))?;
+    let ring = RingUdp::new(Vec::new(), 512).map_err(|error| {
+        format!(
+            "io_uring setup (SINGLE_ISSUER|DEFER_TASKRUN, eventfd, provided buffer ring) failed: {error}; \
+             kernel 6.1+ is needed, and seccomp profiles or kernel.io_uring_disabled may forbid io_uring"
+        )
+    })?;
     let mut probe = Probe::new();
-    ring.submitter()
+    ring.ring
+        .submitter()
         .register_probe(&mut probe)
-        .map_err(|error| format!("io_uring probe failed: {error}"))?;
+        .map_err(|error| format!("io_uring opcode probe failed: {error}"))?;
     for (code, name) in [
         (opcode::RecvMsgMulti::CODE, "RECVMSG"),
         (opcode::SendMsg::CODE, "SENDMSG"),
+        (opcode::AsyncCancel2::CODE, "ASYNC_CANCEL"),
     ] {
         if !probe.is_supported(code) {
             return Err(format!(
-                "io_uring opcode {name} not supported by this kernel"
+                "io_uring opcode {name} is not supported by this kernel"
             ));
         }
     }
