@@ -1,0 +1,274 @@
+//! Upstream faults, injected by `FaultyUpstream` between ringdns and knotd: dead upstreams,
+//! wrong IDs, garbage, truncation, TCP closed mid-answer, and coalescing of identical misses.
+//!
+//! Runs on: libtest threads, each in its own network namespace, on both I/O backends.
+//!
+//! Timing: the zone timeout is 1 s; clients wait up to 5 s ([`client::DEFAULT_TIMEOUT`]), so
+//! "SERVFAIL, not silence" never depends on speed.
+
+use std::net::SocketAddr;
+use std::thread;
+use std::time::Duration;
+
+use domain::base::iana::{OptRcode, Rtype};
+
+use crate::harness::auth::Authoritative;
+use crate::harness::client::{self, Query, Reply};
+use crate::harness::faulty::{FaultyUpstream, Mode, Proto, Source};
+use crate::harness::ringdns::{Io, Ringdns, TestConfig};
+use crate::harness::{backend_tests, enter_netns, zones};
+
+backend_tests!(
+    dead_upstream_gives_servfail_in_bounded_time,
+    servfail_is_not_cached_and_recovery_is_immediate,
+    wrong_id_answers_are_ignored,
+    garbage_answers_are_ignored,
+    truncated_udp_answer_is_retried_over_tcp,
+    tcp_closed_mid_answer_gives_servfail_then_recovers,
+    delayed_upstream_answer_is_relayed,
+    identical_concurrent_misses_are_coalesced,
+);
+
+/// Where FaultyUpstream listens.
+const FAULTY: &str = "127.0.0.20:53";
+
+/// knotd, a FaultyUpstream forwarding to it, and ringdns forwarding `.` to the FaultyUpstream.
+struct FaultStack {
+    /// ringdns (first: stopped first).
+    dns: Ringdns,
+    /// The fault injector.
+    upstream: FaultyUpstream,
+    /// knotd behind it.
+    _auth: Authoritative,
+}
+
+impl FaultStack {
+    /// Starts the three with `transport` and a 1 s timeout; `workers` ringdns workers.
+    fn start(io: Io, transport: &str, workers: usize) -> anyhow::Result<Self> {
+        let auth = Authoritative::start(zones::all())?;
+        let addr: SocketAddr = FAULTY.parse()?;
+        let upstream = FaultyUpstream::start(addr, Source::Forward(auth.addr()))?;
+        let config = TestConfig::for_tests(io)
+            .workers(workers)
+            .cache_str("servfail_ttl", "0s")
+            .forward_with(".", &[addr], transport, "1s");
+        let dns = Ringdns::start(&config)?;
+        Ok(Self {
+            dns,
+            upstream,
+            _auth: auth,
+        })
+    }
+
+    /// A UDP query for `name`/A through ringdns, parsed; an error on silence (5 s).
+    fn ask(&self, name: &str) -> anyhow::Result<Reply> {
+        let query = Query::new(name, Rtype::A).id(0x4242);
+        let reply = client::udp(self.dns.udp(), &query)?;
+        client::assert_echoes(&query, &reply)?;
+        Ok(reply)
+    }
+}
+
+/// A silent upstream yields SERVFAIL after the zone timeout, not silence.
+fn dead_upstream_gives_servfail_in_bounded_time(io: Io) -> anyhow::Result<()> {
+    let _ns = enter_netns!(&format!(
+        "dead_upstream_gives_servfail_in_bounded_time/{io}"
+    ));
+    for transport in ["udp", "tcp"] {
+        let mut stack = FaultStack::start(io, transport, 2)?;
+        stack.upstream.set_mode(Mode::Drop);
+        let name = zones::svc(50);
+        let reply = stack.ask(&name)?; // errors if nothing arrives within 5 s
+        assert_eq!(reply.rcode, OptRcode::SERVFAIL, "{transport}: {reply:?}");
+        assert!(reply.answer.is_empty());
+        let tcp = client::tcp(stack.dns.tcp(), &Query::new(&name, Rtype::A))?;
+        assert_eq!(
+            tcp.rcode,
+            OptRcode::SERVFAIL,
+            "{transport}, client over TCP"
+        );
+        assert!(stack.upstream.queries(&name) >= 1, "ringdns did ask");
+        stack.dns.stop()?;
+    }
+    Ok(())
+}
+
+/// With servfail_ttl 0s, the next query after recovery gets the answer.
+fn servfail_is_not_cached_and_recovery_is_immediate(io: Io) -> anyhow::Result<()> {
+    let _ns = enter_netns!(&format!(
+        "servfail_is_not_cached_and_recovery_is_immediate/{io}"
+    ));
+    let mut stack = FaultStack::start(io, "udp", 1)?;
+    let name = zones::svc(51);
+    stack.upstream.set_mode(Mode::Drop);
+    assert_eq!(stack.ask(&name)?.rcode, OptRcode::SERVFAIL);
+    stack.upstream.set_mode(Mode::Normal);
+    let reply = stack.ask(&name)?;
+    assert_eq!(
+        reply.rcode,
+        OptRcode::NOERROR,
+        "servfail_ttl = 0s: {reply:?}"
+    );
+    assert_eq!(reply.rdata()[0].2, zones::svc_v4(51).to_string());
+    stack.dns.stop()
+}
+
+/// Answers with the wrong ID are ignored; a later right one is used.
+fn wrong_id_answers_are_ignored(io: Io) -> anyhow::Result<()> {
+    let _ns = enter_netns!(&format!("wrong_id_answers_are_ignored/{io}"));
+    let mut stack = FaultStack::start(io, "udp", 2)?;
+    stack.upstream.set_mode(Mode::WrongId);
+    let reply = stack.ask(&zones::svc(52))?;
+    assert_eq!(
+        reply.rcode,
+        OptRcode::SERVFAIL,
+        "a wrong-ID answer is no answer: {reply:?}"
+    );
+    stack.upstream.set_mode(Mode::WrongIdThenAnswer);
+    let reply = stack.ask(&zones::svc(53))?;
+    assert_eq!(
+        reply.rcode,
+        OptRcode::NOERROR,
+        "the right answer still counts: {reply:?}"
+    );
+    assert_eq!(reply.rdata()[0].2, zones::svc_v4(53).to_string());
+    stack.dns.stop()
+}
+
+/// Unparseable answers are ignored; a later right one is used.
+fn garbage_answers_are_ignored(io: Io) -> anyhow::Result<()> {
+    let _ns = enter_netns!(&format!("garbage_answers_are_ignored/{io}"));
+    let mut stack = FaultStack::start(io, "udp", 2)?;
+    stack.upstream.set_mode(Mode::Garbage);
+    let reply = stack.ask(&zones::svc(54))?;
+    assert_eq!(reply.rcode, OptRcode::SERVFAIL, "{reply:?}");
+    stack.upstream.set_mode(Mode::GarbageThenAnswer);
+    let reply = stack.ask(&zones::svc(55))?;
+    assert_eq!(
+        reply.rcode,
+        OptRcode::NOERROR,
+        "garbage first, then the answer: {reply:?}"
+    );
+    assert_eq!(reply.rdata()[0].2, zones::svc_v4(55).to_string());
+    assert!(stack.dns.is_running(), "garbage must not crash ringdns");
+    stack.dns.stop()
+}
+
+/// An upstream TC=1 over UDP is retried over TCP; the client gets the full answer.
+fn truncated_udp_answer_is_retried_over_tcp(io: Io) -> anyhow::Result<()> {
+    let _ns = enter_netns!(&format!("truncated_udp_answer_is_retried_over_tcp/{io}"));
+    let mut stack = FaultStack::start(io, "udp", 2)?;
+    stack.upstream.set_mode(Mode::Truncate);
+    for name in [zones::svc(56), zones::KUBE_DNS.to_owned()] {
+        let reply = stack.ask(&name)?;
+        assert_eq!(reply.rcode, OptRcode::NOERROR, "{reply:?}");
+        assert!(
+            !reply.tc,
+            "ringdns fetched the full answer over TCP: {reply:?}"
+        );
+        assert_eq!(reply.answer.len(), 1, "{reply:?}");
+        assert!(stack.upstream.count(&name, Proto::Udp) >= 1);
+        assert!(
+            stack.upstream.count(&name, Proto::Tcp) >= 1,
+            "retried over TCP"
+        );
+    }
+    // The big answer: TC upstream, complete over TCP upstream, complete to a TCP client.
+    let query = Query::new(zones::BIG, Rtype::A);
+    let tcp = client::tcp(stack.dns.tcp(), &query)?;
+    assert_eq!(tcp.answer.len(), usize::from(zones::BIG_RECORDS));
+    stack.dns.stop()
+}
+
+/// An upstream TCP connection cut mid-answer gives SERVFAIL; the next query works.
+fn tcp_closed_mid_answer_gives_servfail_then_recovers(io: Io) -> anyhow::Result<()> {
+    let _ns = enter_netns!(&format!(
+        "tcp_closed_mid_answer_gives_servfail_then_recovers/{io}"
+    ));
+    let mut stack = FaultStack::start(io, "tcp", 2)?;
+    stack.upstream.set_mode(Mode::CloseTcpMidAnswer);
+    let name = zones::svc(57);
+    let reply = stack.ask(&name)?;
+    // A retry on a fresh connection is allowed (and would also be cut), so SERVFAIL it is.
+    assert_eq!(reply.rcode, OptRcode::SERVFAIL, "{reply:?}");
+    stack.upstream.set_mode(Mode::Normal);
+    let reply = stack.ask(&zones::svc(58))?;
+    assert_eq!(
+        reply.rcode,
+        OptRcode::NOERROR,
+        "pool replaced the dead connection: {reply:?}"
+    );
+    assert!(stack.upstream.count(&zones::svc(58), Proto::Tcp) >= 1);
+    assert_eq!(
+        stack.upstream.count(&zones::svc(58), Proto::Udp),
+        0,
+        "transport tcp"
+    );
+    stack.dns.stop()
+}
+
+/// An answer delayed 500 ms (inside the 1 s timeout) is relayed.
+fn delayed_upstream_answer_is_relayed(io: Io) -> anyhow::Result<()> {
+    let _ns = enter_netns!(&format!("delayed_upstream_answer_is_relayed/{io}"));
+    let mut stack = FaultStack::start(io, "udp", 2)?;
+    stack
+        .upstream
+        .set_mode(Mode::Delay(Duration::from_millis(500)));
+    let reply = stack.ask(&zones::svc(59))?;
+    assert_eq!(
+        reply.rcode,
+        OptRcode::NOERROR,
+        "500 ms is within the 1 s timeout"
+    );
+    stack.dns.stop()
+}
+
+/// 20 concurrent identical misses on one worker make one upstream query.
+fn identical_concurrent_misses_are_coalesced(io: Io) -> anyhow::Result<()> {
+    let _ns = enter_netns!(&format!("identical_concurrent_misses_are_coalesced/{io}"));
+    // One worker: coalescing is per worker (pending.rs), and with several workers each could
+    // legitimately send its own query.
+    let mut stack = FaultStack::start(io, "udp", 1)?;
+    stack
+        .upstream
+        .set_mode(Mode::Delay(Duration::from_millis(500)));
+    let name = zones::svc(60);
+    let server = stack.dns.udp();
+    const CLIENTS: u16 = 20;
+    // Bind all sockets first, then send from all of them, then collect: the 20 queries are all
+    // in flight while the first one waits its 500 ms upstream.
+    let sockets = (0..CLIENTS)
+        .map(|_| client::udp_socket(server))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for (i, socket) in (0..CLIENTS).zip(&sockets) {
+        let query = Query::new(&name, Rtype::A).id(0x6000 + i);
+        socket.send_to(&query.to_wire(), server)?;
+    }
+    let handles: Vec<_> = (0..CLIENTS)
+        .zip(sockets)
+        .map(|(i, socket)| {
+            thread::spawn(move || -> anyhow::Result<(u16, Option<Vec<u8>>)> {
+                Ok((
+                    i,
+                    client::udp_receive(&socket, server, client::DEFAULT_TIMEOUT)?,
+                ))
+            })
+        })
+        .collect();
+    for handle in handles {
+        let (i, raw) = handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        let raw = raw.ok_or_else(|| anyhow::anyhow!("client {i}: no answer"))?;
+        let reply = Reply::parse(&raw)?;
+        assert_eq!(reply.id, 0x6000 + i, "each waiter gets its own ID back");
+        assert_eq!(reply.rcode, OptRcode::NOERROR, "client {i}: {reply:?}");
+        assert_eq!(reply.rdata()[0].2, zones::svc_v4(60).to_string());
+    }
+    assert_eq!(
+        stack.upstream.queries(&name),
+        1,
+        "{CLIENTS} identical concurrent misses, one upstream query"
+    );
+    stack.dns.stop()
+}

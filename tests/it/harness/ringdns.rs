@@ -1,0 +1,391 @@
+//! The real binary under test: `ringdns run --config PATH`, started and stopped by PID.
+//!
+//! Runs on: the test thread (ringdns is a child in the test's network namespace).
+
+use std::fmt::{self, Write as _};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tempfile::TempDir;
+
+use super::capture::Lines;
+use super::stop_child;
+
+/// The binary Cargo built for this test run.
+pub const BINARY: &str = env!("CARGO_BIN_EXE_ringdns");
+/// Bound on ringdns printing its `ready` line.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on ringdns exiting after SIGTERM before it is killed (and the test fails).
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// `server.io`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Io {
+    /// io_uring.
+    Uring,
+    /// epoll.
+    Epoll,
+}
+
+impl fmt::Display for Io {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Uring => "uring",
+            Self::Epoll => "epoll",
+        })
+    }
+}
+
+/// One `[[forward]]` entry.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    /// Zone, e.g. `cluster.local` or `.`.
+    pub zone: String,
+    /// Upstream addresses.
+    pub upstreams: Vec<SocketAddr>,
+    /// `udp`, `tcp` or `prefer_udp`.
+    pub transport: String,
+    /// e.g. `2s`.
+    pub timeout: String,
+}
+
+/// A ringdns config for a test; [`TestConfig::to_toml`] writes it out.
+#[derive(Debug, Clone)]
+pub struct TestConfig {
+    /// `server.listen`.
+    pub listen: Vec<SocketAddr>,
+    /// `server.io`.
+    pub io: Io,
+    /// `server.workers`.
+    pub workers: usize,
+    /// `server.udp_payload`, if set.
+    pub udp_payload: Option<u16>,
+    /// `server.tcp_idle_timeout`, if set.
+    pub tcp_idle_timeout: Option<String>,
+    /// `[cache]` keys to set (key, TOML value text), e.g. `("success_ttl", "\"30s\"")`.
+    pub cache: Vec<(String, String)>,
+    /// `[[forward]]` entries.
+    pub forward: Vec<Forward>,
+    /// `log.level`.
+    pub log_level: String,
+}
+
+impl TestConfig {
+    /// Listens on 127.0.0.1:53 and [::1]:53 with 2 workers on `io`; no forward zones yet.
+    pub fn for_tests(io: Io) -> Self {
+        Self {
+            listen: vec![
+                SocketAddr::from(([127, 0, 0, 1], 53)),
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 53)),
+            ],
+            io,
+            workers: 2,
+            udp_payload: None,
+            tcp_idle_timeout: None,
+            cache: Vec::new(),
+            forward: Vec::new(),
+            log_level: "info".into(),
+        }
+    }
+
+    /// Forwards `zone` to `upstream` over UDP with a 2 s timeout.
+    pub fn forward(self, zone: &str, upstream: SocketAddr) -> Self {
+        self.forward_with(zone, &[upstream], "udp", "2s")
+    }
+
+    /// Adds a `[[forward]]` entry.
+    pub fn forward_with(
+        mut self,
+        zone: &str,
+        upstreams: &[SocketAddr],
+        transport: &str,
+        timeout: &str,
+    ) -> Self {
+        self.forward.push(Forward {
+            zone: zone.to_owned(),
+            upstreams: upstreams.to_vec(),
+            transport: transport.to_owned(),
+            timeout: timeout.to_owned(),
+        });
+        self
+    }
+
+    /// Sets `server.listen`.
+    pub fn listen(mut self, listen: &[SocketAddr]) -> Self {
+        self.listen = listen.to_vec();
+        self
+    }
+
+    /// Sets `server.workers`.
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers;
+        self
+    }
+
+    /// Sets `server.udp_payload`.
+    pub fn udp_payload(mut self, bytes: u16) -> Self {
+        self.udp_payload = Some(bytes);
+        self
+    }
+
+    /// Sets a `[cache]` key to a string value such as `"5s"`.
+    pub fn cache_str(mut self, key: &str, value: &str) -> Self {
+        self.cache.push((key.to_owned(), format!("{value:?}")));
+        self
+    }
+
+    /// Sets a `[cache]` key to an integer value.
+    pub fn cache_int(mut self, key: &str, value: u64) -> Self {
+        self.cache.push((key.to_owned(), value.to_string()));
+        self
+    }
+
+    /// The TOML text.
+    pub fn to_toml(&self) -> String {
+        let listen: Vec<String> = self.listen.iter().map(|a| format!("\"{a}\"")).collect();
+        let mut text = format!(
+            "[server]\nlisten = [{}]\nworkers = {}\nio = \"{}\"\n",
+            listen.join(", "),
+            self.workers,
+            self.io
+        );
+        if let Some(bytes) = self.udp_payload {
+            let _ = writeln!(text, "udp_payload = {bytes}");
+        }
+        if let Some(timeout) = &self.tcp_idle_timeout {
+            let _ = writeln!(text, "tcp_idle_timeout = \"{timeout}\"");
+        }
+        if !self.cache.is_empty() {
+            text.push_str("\n[cache]\n");
+            for (key, value) in &self.cache {
+                let _ = writeln!(text, "{key} = {value}");
+            }
+        }
+        for forward in &self.forward {
+            let upstreams: Vec<String> = forward
+                .upstreams
+                .iter()
+                .map(|a| format!("\"{a}\""))
+                .collect();
+            let _ = write!(
+                text,
+                "\n[[forward]]\nzone = \"{}\"\nupstreams = [{}]\ntransport = \"{}\"\ntimeout = \"{}\"\n",
+                forward.zone,
+                upstreams.join(", "),
+                forward.transport,
+                forward.timeout
+            );
+        }
+        let _ = write!(text, "\n[log]\nlevel = \"{}\"\n", self.log_level);
+        text
+    }
+}
+
+/// What the `ready` line said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ready {
+    /// The whole line.
+    pub line: String,
+    /// `udp=` addresses.
+    pub udp: Vec<SocketAddr>,
+    /// `tcp=` addresses.
+    pub tcp: Vec<SocketAddr>,
+    /// `workers=`.
+    pub workers: usize,
+    /// `io=`: the backend actually in use.
+    pub io: String,
+}
+
+impl Ready {
+    /// Parses `… ready udp=A,B tcp=A,B workers=N io=uring …` (other `key=value`s ignored).
+    pub fn parse(line: &str) -> anyhow::Result<Self> {
+        let rest = &line[line.find("ready udp=").context("no `ready udp=`")? + "ready ".len()..];
+        let mut ready = Self {
+            line: line.to_owned(),
+            udp: Vec::new(),
+            tcp: Vec::new(),
+            workers: 0,
+            io: String::new(),
+        };
+        let addrs = |value: &str| -> anyhow::Result<Vec<SocketAddr>> {
+            value
+                .split(',')
+                .map(|a| a.parse().with_context(|| format!("address {a:?}")))
+                .collect()
+        };
+        for part in rest.split_whitespace() {
+            let Some((key, value)) = part.split_once('=') else {
+                continue;
+            };
+            match key {
+                "udp" => ready.udp = addrs(value)?,
+                "tcp" => ready.tcp = addrs(value)?,
+                "workers" => ready.workers = value.parse().context("workers=")?,
+                "io" => ready.io = value.to_owned(),
+                _ => {}
+            }
+        }
+        if ready.udp.is_empty() || ready.tcp.is_empty() || ready.io.is_empty() {
+            bail!("incomplete ready line: {line}");
+        }
+        Ok(ready)
+    }
+}
+
+/// A running ringdns; SIGTERM by PID on [`Ringdns::stop`] or drop.
+#[derive(Debug)]
+pub struct Ringdns {
+    /// The process; `None` once stopped or killed.
+    child: Option<Child>,
+    /// The parsed ready line.
+    ready: Ready,
+    /// stderr lines (the log).
+    stderr: Lines,
+    /// The config file's directory; removed on drop.
+    dir: TempDir,
+}
+
+impl Ringdns {
+    /// Writes `config`, starts ringdns and waits for its ready line.
+    pub fn start(config: &TestConfig) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("ringdns-test").tempdir()?;
+        let path = dir.path().join("ringdns.toml");
+        std::fs::write(&path, config.to_toml())?;
+        let mut child = Command::new(BINARY)
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawning {BINARY}"))?;
+        let stderr = Lines::capture(child.stderr.take().context("stderr was piped")?);
+        let line = stderr.wait_for_line(READY_TIMEOUT, |line| line.contains("ready udp="));
+        let ready = match line.map(|line| Ready::parse(&line)) {
+            Some(Ok(ready)) => ready,
+            other => {
+                let status = stop_child(&mut child, Duration::from_secs(2))?;
+                let why = match other {
+                    Some(Err(error)) => format!("{error:#}"),
+                    _ => format!("no ready line within {READY_TIMEOUT:?}"),
+                };
+                bail!(
+                    "ringdns did not become ready ({why}); exit {status}\nconfig:\n{}\nstderr:\n{}",
+                    config.to_toml(),
+                    stderr.text()
+                );
+            }
+        };
+        Ok(Self {
+            child: Some(child),
+            ready,
+            stderr,
+            dir,
+        })
+    }
+
+    /// The ready line.
+    pub fn ready(&self) -> &Ready {
+        &self.ready
+    }
+
+    /// The first IPv4 UDP listen address.
+    pub fn udp(&self) -> SocketAddr {
+        pick(&self.ready.udp, true)
+    }
+
+    /// The first IPv6 UDP listen address (or the first one if there is none).
+    pub fn udp6(&self) -> SocketAddr {
+        pick(&self.ready.udp, false)
+    }
+
+    /// The first IPv4 TCP listen address.
+    pub fn tcp(&self) -> SocketAddr {
+        pick(&self.ready.tcp, true)
+    }
+
+    /// The first IPv6 TCP listen address (or the first one if there is none).
+    pub fn tcp6(&self) -> SocketAddr {
+        pick(&self.ready.tcp, false)
+    }
+
+    /// Everything ringdns logged so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.text()
+    }
+
+    /// The directory holding the config file.
+    pub fn dir(&self) -> PathBuf {
+        self.dir.path().to_owned()
+    }
+
+    /// SIGTERM by PID; it must exit 0 within the grace period.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let status = stop_child(&mut child, STOP_GRACE)?;
+        check_exit(status, &self.stderr)
+    }
+
+    /// SIGKILL by PID (no cleanup), and reap it.
+    pub fn kill9(&mut self) -> anyhow::Result<ExitStatus> {
+        let mut child = self.child.take().context("ringdns already stopped")?;
+        // Not reaped yet, so the PID is still ours.
+        child.kill().context("SIGKILL")?;
+        child.wait().context("reaping ringdns")
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+}
+
+/// The first address of the wanted family, else the first address.
+fn pick(addrs: &[SocketAddr], v4: bool) -> SocketAddr {
+    addrs
+        .iter()
+        .copied()
+        .find(|a| a.is_ipv4() == v4)
+        .or_else(|| addrs.first().copied())
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 53)))
+}
+
+/// A clean shutdown is exit status 0.
+fn check_exit(status: ExitStatus, stderr: &Lines) -> anyhow::Result<()> {
+    if !status.success() {
+        bail!(
+            "ringdns exited with {status} after SIGTERM (want 0); stderr:\n{}",
+            stderr.text()
+        );
+    }
+    Ok(())
+}
+
+impl Drop for Ringdns {
+    /// Stops ringdns and prints its log (libtest shows it only for failing tests). A bad exit
+    /// is printed, not raised: tests that care call [`Ringdns::stop`] themselves.
+    fn drop(&mut self) {
+        let stopped = self.stop();
+        eprintln!(
+            "--- ringdns stderr ---\n{}\n--- end ringdns ---",
+            self.stderr.text()
+        );
+        if let Err(error) = stopped {
+            eprintln!("{error:#}");
+        }
+    }
+}
+
+/// Runs `ringdns ARGS…` to completion (bounded), e.g. `check --config PATH` or `--version`.
+pub fn run_cli(args: &[&str]) -> anyhow::Result<std::process::Output> {
+    super::run_bounded(Command::new(BINARY).args(args), Duration::from_secs(10))
+}
