@@ -124,7 +124,10 @@ fn warmed_shard(now: Instant) -> (Shard, Answer) {
     let upstream = upstream_answer(&dns::upstream_query(&parsed, UDP_PAYLOAD));
     let answer = Answer::from_upstream(&upstream, &key).expect("the upstream answer is valid");
     let mut shard = Shard::new(limits());
-    assert!(shard.insert(&key, answer.clone(), now), "a 30 s answer is cached");
+    assert!(
+        shard.insert(&key, answer.clone(), now),
+        "a 30 s answer is cached"
+    );
     (shard, answer)
 }
 
@@ -148,10 +151,12 @@ fn hit_path(c: &mut Criterion) {
     let (mut shard, answer) = warmed_shard(now);
     let hit_key = key_of(&hit);
     c.bench_function("Shard::lookup hit", |b| {
-        b.iter(|| match shard.lookup(black_box(&hit_key), black_box(later)) {
-            Lookup::Hit { ttl_secs, .. } => ttl_secs,
-            Lookup::Miss => panic!("the warmed key must hit"),
-        })
+        b.iter(
+            || match shard.lookup(black_box(&hit_key), black_box(later)) {
+                Lookup::Hit { ttl_secs, .. } => ttl_secs,
+                Lookup::Miss => panic!("the warmed key must hit"),
+            },
+        )
     });
     let miss_key = key_of(&query(1, "svc-2.default.svc.cluster.local", true));
     c.bench_function("Shard::lookup miss", |b| {
