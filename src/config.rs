@@ -135,6 +135,27 @@ pub const FORWARD_TIMEOUT: Knob<Duration> = Knob::new(
     Duration::from_secs(60),
 );
 
+/// How often the node sync puts back missing interface addresses and interception rules.
+/// 60 s is NodeLocal DNSCache's `-syncinterval` default (there effectively fixed); 1 s is the
+/// floor because every check runs iptables/nft processes, and 1 h bounds how long a rule deleted
+/// by another agent may stay missing.
+pub const SYNC_INTERVAL: Knob<Duration> = Knob::new(
+    "node.sync_interval",
+    Duration::from_secs(60),
+    Duration::from_secs(1),
+    Duration::from_secs(3600),
+);
+
+/// After SIGTERM, `/health` answers 503 this long while queries are still answered, so a load
+/// balancer or kubelet probe stops sending before the sockets close. 5 s is CoreDNS's usual
+/// `health { lameduck 5s }`; 60 s stays under Kubernetes' default 30 s + grace headroom.
+pub const LAMEDUCK: Knob<Duration> = Knob::new(
+    "health.lameduck",
+    Duration::from_secs(5),
+    Duration::ZERO,
+    Duration::from_secs(60),
+);
+
 /// `server.listen` when absent: unprivileged loopback ports, so `ringdns run` needs no root.
 pub const DEFAULT_LISTEN: [SocketAddr; 2] = [
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 5353)),
@@ -146,6 +167,36 @@ pub const DEFAULT_IO: IoBackend = IoBackend::Auto;
 
 /// `forward.transport` when absent: UDP, retrying over TCP on TC=1, like a stub resolver.
 pub const DEFAULT_TRANSPORT: Transport = Transport::Udp;
+
+/// `node.setup_interface` when absent: off, so ringdns never changes a host's links unasked.
+pub const DEFAULT_SETUP_INTERFACE: bool = false;
+
+/// `node.interface` when absent: the name NodeLocal DNSCache's `-interfacename` defaults to.
+pub const DEFAULT_INTERFACE: &str = "nodelocaldns";
+
+/// Longest interface name Linux accepts: `IFNAMSIZ` (16) minus the terminating NUL.
+pub const MAX_INTERFACE_NAME: usize = 15;
+
+/// `node.setup_iptables` when absent: off, so ringdns never changes a host's rules unasked.
+pub const DEFAULT_SETUP_IPTABLES: bool = false;
+
+/// `node.rules` when absent: whatever the node's kube-proxy uses.
+pub const DEFAULT_RULES: RulesBackend = RulesBackend::Auto;
+
+/// `node.teardown` when absent: remove what ringdns set up on exit, as node-cache does.
+pub const DEFAULT_TEARDOWN: bool = true;
+
+/// Longest iptables chain name: `XT_EXTENSION_MAXNAMELEN` (29) minus the terminating NUL.
+pub const MAX_CHAIN_NAME: usize = 28;
+
+/// Port of `health.listen` when it is `""` (on the first listen IP): NodeLocal DNSCache's
+/// `health 169.254.20.10:8080`.
+pub const DEFAULT_HEALTH_PORT: u16 = 8080;
+
+/// `metrics.listen` when absent: NodeLocal DNSCache's `prometheus :9253`, every address, so the
+/// cluster's Prometheus can scrape the node. The embedded default overrides it with loopback.
+pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9253));
 
 /// `log.level` when absent: lifecycle events and above (STYLE.md §5).
 pub const DEFAULT_LOG_LEVEL: log::LevelFilter = log::LevelFilter::Info;
@@ -160,7 +211,8 @@ pub const DEFAULT_FORWARD_UPSTREAM: &str = "/etc/resolv.conf";
 pub const DNS_PORT: u16 = 53;
 
 /// The configuration `ringdns run` uses without `--config`: loopback on port 5353 (no root
-/// needed), everything forwarded to the host's resolv.conf nameservers; all else default.
+/// needed), everything forwarded to the host's resolv.conf nameservers, health and metrics on
+/// loopback (not the file default 0.0.0.0:9253), no interface or rules; all else default.
 pub const EMBEDDED_DEFAULT: &str = r#"# ringdns built-in configuration, used without --config.
 # Unprivileged loopback ports, so it runs without root; every other key takes its default.
 [server]
@@ -169,6 +221,13 @@ listen = ["127.0.0.1:5353", "[::1]:5353"]
 [[forward]]
 zone = "."
 upstreams = ["/etc/resolv.conf"]
+
+# Health and metrics on loopback only: without a config file nothing is reachable from outside.
+[health]
+listen = "127.0.0.1:8080"
+
+[metrics]
+listen = "127.0.0.1:9253"
 "#;
 
 /// How `<embedded default>` errors name their source when [`Config::parse`] gets no path.
@@ -192,6 +251,12 @@ pub struct Config {
     pub forward: Vec<ForwardZone>,
     /// `[log]`.
     pub log: LogConfig,
+    /// `[node]`.
+    pub node: NodeConfig,
+    /// `[health]`.
+    pub health: HealthConfig,
+    /// `[metrics]`.
+    pub metrics: MetricsConfig,
 }
 
 /// `[server]`: sockets and workers.
@@ -268,6 +333,55 @@ pub enum Transport {
 pub struct LogConfig {
     /// Maximum level written to stderr.
     pub level: log::LevelFilter,
+}
+
+/// `[node]`: what ringdns sets up on the node besides its sockets (NodeLocal DNSCache's
+/// `-setupinterface`, `-setupiptables`, `-interfacename`, `-syncinterval`, `-skipteardown`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeConfig {
+    /// Create [`NodeConfig::interface`] and add every listen IP to it.
+    pub setup_interface: bool,
+    /// Name of the link-local interface; 1..=15 characters, a valid Linux interface name.
+    pub interface: String,
+    /// Install the NOTRACK/ACCEPT interception rules (iptables or nftables, see `rules`).
+    pub setup_iptables: bool,
+    /// Which rule backend programs them.
+    pub rules: RulesBackend,
+    /// How often missing addresses and rules are put back.
+    pub sync_interval: Duration,
+    /// On exit remove the rules, then the interface (only what ringdns created). `false` hands
+    /// them over to a new instance.
+    pub teardown: bool,
+    /// A nat chain (kube-proxy's kube-dns service chain, e.g. `KUBE-SVC-TCOQ7…`) that traffic to
+    /// the link-local IP jumps to while no ringdns socket exists; `None` = no such fallback.
+    pub fallback_service_chain: Option<String>,
+}
+
+/// `node.rules`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RulesBackend {
+    /// nftables if the node's kube-proxy runs in nftables mode, else iptables.
+    Auto,
+    /// The iptables/ip6tables binaries (legacy or nft flavour, as the node uses).
+    Iptables,
+    /// An own nftables table, loaded atomically with `nft -f`.
+    Nftables,
+}
+
+/// `[health]`: the `/health` and `/ready` endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    /// HTTP listen address; from `""`: the first listen IP, port 8080.
+    pub listen: SocketAddr,
+    /// After SIGTERM, `/health` is 503 this long while queries are still answered.
+    pub lameduck: Duration,
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsConfig {
+    /// HTTP listen address; `None` (from `""`) = no metrics endpoint.
+    pub listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -358,6 +472,36 @@ impl Config {
 
         let _ = writeln!(out, "\n[log]");
         let _ = writeln!(out, "level = {}", quote(level_name(self.log.level)));
+
+        let node = &self.node;
+        let _ = writeln!(out, "\n[node]");
+        let _ = writeln!(out, "setup_interface = {}", node.setup_interface);
+        let _ = writeln!(out, "interface = {}", quote(&node.interface));
+        let _ = writeln!(out, "setup_iptables = {}", node.setup_iptables);
+        let _ = writeln!(out, "rules = {}", quote(node.rules.as_str()));
+        let _ = writeln!(
+            out,
+            "sync_interval = {}",
+            quote(&format_duration(node.sync_interval))
+        );
+        let _ = writeln!(out, "teardown = {}", node.teardown);
+        let _ = writeln!(
+            out,
+            "fallback_service_chain = {}",
+            quote(node.fallback_service_chain.as_deref().unwrap_or(""))
+        );
+
+        let _ = writeln!(out, "\n[health]");
+        let _ = writeln!(out, "listen = {}", quote(&self.health.listen.to_string()));
+        let _ = writeln!(
+            out,
+            "lameduck = {}",
+            quote(&format_duration(self.health.lameduck))
+        );
+
+        let _ = writeln!(out, "\n[metrics]");
+        let metrics = self.metrics.listen.map(|addr| addr.to_string());
+        let _ = writeln!(out, "listen = {}", quote(metrics.as_deref().unwrap_or("")));
         out
     }
 }
@@ -380,6 +524,17 @@ impl IoBackend {
             IoBackend::Auto => "auto",
             IoBackend::Uring => "uring",
             IoBackend::Epoll => "epoll",
+        }
+    }
+}
+
+impl RulesBackend {
+    /// The config file spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RulesBackend::Auto => "auto",
+            RulesBackend::Iptables => "iptables",
+            RulesBackend::Nftables => "nftables",
         }
     }
 }
@@ -612,6 +767,38 @@ pub enum Problem {
         /// Line of the first entry's `zone`.
         first_line: usize,
     },
+    /// A name that is not a valid Linux interface name (`node.interface`).
+    #[error("\"{value}\" is not an interface name: {reason}")]
+    BadInterface {
+        /// The text, after `${VAR}` expansion.
+        value: String,
+        /// Why.
+        reason: NameProblem,
+    },
+    /// A name that is not a valid iptables chain name (`node.fallback_service_chain`).
+    #[error("\"{value}\" is not a chain name: {reason}")]
+    BadChain {
+        /// The text, after `${VAR}` expansion.
+        value: String,
+        /// Why.
+        reason: NameProblem,
+    },
+    /// An HTTP endpoint address that is not a socket address.
+    #[error("\"{value}\" is not a listen address: {reason}")]
+    BadEndpoint {
+        /// The text, after `${VAR}` expansion.
+        value: String,
+        /// Why.
+        reason: AddressProblem,
+    },
+    /// Two endpoints on the same address: the second bind would fail at start-up.
+    #[error("{addr} is already used by {other}")]
+    AddressTaken {
+        /// The shared address.
+        addr: SocketAddr,
+        /// The key already using it (`health.listen`, `server.listen[0]`).
+        other: String,
+    },
     /// A resolv.conf upstream could not be read.
     #[error("{}: {source}", path.display())]
     ResolvConfRead {
@@ -638,6 +825,25 @@ pub enum Problem {
         /// Why.
         reason: AddressProblem,
     },
+}
+
+/// Why a string is not an interface or chain name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameProblem {
+    /// Longer than the kernel accepts.
+    #[error("{len} characters (at most {max})")]
+    TooLong {
+        /// The name's length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A character the kernel or the rule tools reject (`/`, `:`, whitespace, quotes, …).
+    #[error("character {0:?} is not allowed")]
+    BadCharacter(char),
+    /// `""` where a name is required, or `"."`/`".."`.
+    #[error("not a usable name")]
+    Reserved,
 }
 
 /// Why a string is not a socket address.
@@ -753,6 +959,50 @@ struct RawConfig {
     forward: Option<Spanned<Vec<Spanned<RawForward>>>>,
     /// `[log]`.
     log: Option<RawLog>,
+    /// `[node]`.
+    node: Option<RawNode>,
+    /// `[health]`.
+    health: Option<RawHealth>,
+    /// `[metrics]`.
+    metrics: Option<RawMetrics>,
+}
+
+/// Raw `[node]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    /// See [`NodeConfig::setup_interface`].
+    setup_interface: Option<Spanned<bool>>,
+    /// See [`NodeConfig::interface`].
+    interface: Option<Spanned<String>>,
+    /// See [`NodeConfig::setup_iptables`].
+    setup_iptables: Option<Spanned<bool>>,
+    /// See [`NodeConfig::rules`].
+    rules: Option<Spanned<String>>,
+    /// See [`SYNC_INTERVAL`].
+    sync_interval: Option<Spanned<RawDuration>>,
+    /// See [`NodeConfig::teardown`].
+    teardown: Option<Spanned<bool>>,
+    /// See [`NodeConfig::fallback_service_chain`].
+    fallback_service_chain: Option<Spanned<String>>,
+}
+
+/// Raw `[health]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    /// See [`HealthConfig::listen`].
+    listen: Option<Spanned<String>>,
+    /// See [`LAMEDUCK`].
+    lameduck: Option<Spanned<RawDuration>>,
+}
+
+/// Raw `[metrics]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    /// See [`MetricsConfig::listen`].
+    listen: Option<Spanned<String>>,
 }
 
 /// Raw `[server]`.
@@ -954,12 +1204,171 @@ impl Document<'_> {
             }],
         };
         let log = self.log(raw.log.unwrap_or(RawLog { level: None }))?;
+        let node = self.node(raw.node.unwrap_or_default())?;
+        let (health, metrics) = self.endpoints(
+            raw.health.unwrap_or_default(),
+            raw.metrics.unwrap_or_default(),
+            &server.listen,
+        )?;
         Ok(Config {
             source: self.source.map(Path::to_path_buf),
             server,
             cache,
             forward,
             log,
+            node,
+            health,
+            metrics,
+        })
+    }
+
+    /// Validates `[node]`.
+    fn node(&self, raw: RawNode) -> Result<NodeConfig, ConfigError> {
+        let flag = |value: Option<Spanned<bool>>, default: bool| {
+            value.map_or(default, Spanned::into_inner)
+        };
+        let interface = match raw.interface {
+            None => DEFAULT_INTERFACE.to_owned(),
+            Some(value) => {
+                let text = self.expand(&value, "node.interface", false)?;
+                check_interface_name(&text).map_err(|reason| {
+                    self.invalid(
+                        value.span(),
+                        "node.interface",
+                        Problem::BadInterface {
+                            value: text.clone(),
+                            reason,
+                        },
+                    )
+                })?;
+                text
+            }
+        };
+        let rules = match raw.rules {
+            None => DEFAULT_RULES,
+            Some(value) => match self.expand(&value, "node.rules", false)?.as_str() {
+                "auto" => RulesBackend::Auto,
+                "iptables" => RulesBackend::Iptables,
+                "nftables" => RulesBackend::Nftables,
+                other => {
+                    return Err(self.invalid(
+                        value.span(),
+                        "node.rules",
+                        Problem::UnknownChoice {
+                            value: other.to_owned(),
+                            expected: "auto | iptables | nftables",
+                        },
+                    ))
+                }
+            },
+        };
+        let fallback_service_chain = match raw.fallback_service_chain {
+            None => None,
+            Some(value) => {
+                let key = "node.fallback_service_chain";
+                let text = self.expand(&value, key, false)?;
+                if text.is_empty() {
+                    None
+                } else {
+                    check_chain_name(&text).map_err(|reason| {
+                        self.invalid(
+                            value.span(),
+                            key,
+                            Problem::BadChain {
+                                value: text.clone(),
+                                reason,
+                            },
+                        )
+                    })?;
+                    Some(text)
+                }
+            }
+        };
+        Ok(NodeConfig {
+            setup_interface: flag(raw.setup_interface, DEFAULT_SETUP_INTERFACE),
+            interface,
+            setup_iptables: flag(raw.setup_iptables, DEFAULT_SETUP_IPTABLES),
+            rules,
+            sync_interval: self.duration(&SYNC_INTERVAL, raw.sync_interval, SYNC_INTERVAL.key)?,
+            teardown: flag(raw.teardown, DEFAULT_TEARDOWN),
+            fallback_service_chain,
+        })
+    }
+
+    /// Validates `[health]` and `[metrics]`: addresses (`""` = the first listen IP on port
+    /// 8080 for health, off for metrics) that do not clash with `server.listen` (whose TCP
+    /// listeners share the port space). Health and metrics may share one address.
+    fn endpoints(
+        &self,
+        health: RawHealth,
+        metrics: RawMetrics,
+        listen: &[SocketAddr],
+    ) -> Result<(HealthConfig, MetricsConfig), ConfigError> {
+        let first = listen.first().copied().unwrap_or(DEFAULT_LISTEN[0]);
+        let default_health = SocketAddr::new(first.ip(), DEFAULT_HEALTH_PORT);
+        let health_listen = match &health.listen {
+            None => default_health,
+            Some(value) => self
+                .endpoint(value, "health.listen")?
+                .unwrap_or(default_health),
+        };
+        let metrics_listen = match &metrics.listen {
+            None => Some(DEFAULT_METRICS_LISTEN),
+            Some(value) => self.endpoint(value, "metrics.listen")?,
+        };
+        let health_span = health.listen.as_ref().map(Spanned::span);
+        let metrics_span = metrics.listen.as_ref().map(Spanned::span);
+        let taken = |addr: SocketAddr, key: &str, span: Option<Range<usize>>, other: String| {
+            ConfigError::Invalid {
+                at: Location {
+                    file: self.source.map(Path::to_path_buf),
+                    line: span.map(|span| self.line(span.start)),
+                    key: Some(key.to_owned()),
+                },
+                problem: Box::new(Problem::AddressTaken { addr, other }),
+            }
+        };
+        if let Some(index) = listen.iter().position(|addr| *addr == health_listen) {
+            let other = format!("server.listen[{index}]");
+            return Err(taken(health_listen, "health.listen", health_span, other));
+        }
+        // metrics.listen may equal health.listen: one HTTP listener then serves both.
+        if let Some(metrics_addr) = metrics_listen {
+            if let Some(index) = listen.iter().position(|addr| *addr == metrics_addr) {
+                let other = format!("server.listen[{index}]");
+                return Err(taken(metrics_addr, "metrics.listen", metrics_span, other));
+            }
+        }
+        Ok((
+            HealthConfig {
+                listen: health_listen,
+                lameduck: self.duration(&LAMEDUCK, health.lameduck, LAMEDUCK.key)?,
+            },
+            MetricsConfig {
+                listen: metrics_listen,
+            },
+        ))
+    }
+
+    /// Parses an HTTP endpoint address (port required); `Ok(None)` for `""`.
+    fn endpoint(
+        &self,
+        value: &Spanned<String>,
+        key: &str,
+    ) -> Result<Option<SocketAddr>, ConfigError> {
+        let text = self.expand(value, key, true)?;
+        if text.is_empty() {
+            return Ok(None);
+        }
+        parse_socket_addr(&text, None).map(Some).map_err(|reason| {
+            self.invalid(
+                value.span(),
+                key,
+                Problem::BadEndpoint {
+                    value: text.clone(),
+                    reason,
+                },
+            )
         })
     }
 
@@ -1492,6 +1901,49 @@ fn parse_resolv_conf(text: &str, path: &Path) -> Result<Vec<SocketAddr>, Problem
     Ok(servers)
 }
 
+/// Checks a Linux interface name as the kernel's `dev_valid_name` does: 1..=15 bytes, not `.`
+/// or `..`, no `/`, `:` or whitespace. Quotes and other punctuation that would need escaping
+/// in log lines are refused too; real interface names never use them.
+fn check_interface_name(name: &str) -> Result<(), NameProblem> {
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(NameProblem::Reserved);
+    }
+    if name.len() > MAX_INTERFACE_NAME {
+        return Err(NameProblem::TooLong {
+            len: name.len(),
+            max: MAX_INTERFACE_NAME,
+        });
+    }
+    match name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@')))
+    {
+        Some(bad) => Err(NameProblem::BadCharacter(bad)),
+        None => Ok(()),
+    }
+}
+
+/// Checks an iptables chain name: 1..=28 bytes of letters, digits, `-`, `_` and `.`, not
+/// starting with `-` (it would read as an option). kube-proxy's chains (`KUBE-SVC-…`) fit.
+fn check_chain_name(name: &str) -> Result<(), NameProblem> {
+    if name.len() > MAX_CHAIN_NAME {
+        return Err(NameProblem::TooLong {
+            len: name.len(),
+            max: MAX_CHAIN_NAME,
+        });
+    }
+    if name.starts_with('-') || name == "." || name == ".." {
+        return Err(NameProblem::Reserved);
+    }
+    match name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        Some(bad) => Err(NameProblem::BadCharacter(bad)),
+        None => Ok(()),
+    }
+}
+
 /// Normalizes a zone name: lower case, one trailing dot, `"."` for the root. Labels are 1..=63
 /// bytes of letters, digits, `-` and `_`; the name is at most 253 characters (RFC 1035 §2.3.4).
 fn normalize_zone(text: &str) -> Result<String, ZoneProblem> {
@@ -1631,10 +2083,33 @@ mod tests {
             &[],
             &[("/etc/resolv.conf", HOST_RESOLV_CONF)],
         );
+        let empty = empty.expect("empty file");
+        let embedded = embedded.expect("embedded default");
+        // The one difference: the embedded default keeps metrics on loopback.
+        assert_eq!(empty.metrics.listen, Some(DEFAULT_METRICS_LISTEN));
         assert_eq!(
-            empty.expect("empty file"),
-            embedded.expect("embedded default")
+            Config {
+                metrics: embedded.metrics.clone(),
+                ..empty
+            },
+            embedded
         );
+    }
+
+    #[test]
+    fn embedded_default_exposes_nothing_beyond_loopback() {
+        let config = parse_fake(
+            EMBEDDED_DEFAULT,
+            None,
+            &[],
+            &[("/etc/resolv.conf", HOST_RESOLV_CONF)],
+        )
+        .expect("embedded default");
+        assert_eq!(config.health.listen, addr("127.0.0.1:8080"));
+        assert_eq!(config.metrics.listen, Some(addr("127.0.0.1:9253")));
+        assert!(config.server.listen.iter().all(|a| a.ip().is_loopback()));
+        assert!(!config.node.setup_interface);
+        assert!(!config.node.setup_iptables);
     }
 
     #[test]
@@ -1652,6 +2127,122 @@ mod tests {
         assert_eq!(config.cache.denial_ttl, Duration::from_secs(5));
         assert_eq!(config.cache.servfail_ttl, Duration::ZERO);
         assert_eq!(config.log.level, log::LevelFilter::Info);
+        assert_eq!(
+            config.node,
+            NodeConfig {
+                setup_interface: false,
+                interface: "nodelocaldns".to_owned(),
+                setup_iptables: false,
+                rules: RulesBackend::Auto,
+                sync_interval: Duration::from_secs(60),
+                teardown: true,
+                fallback_service_chain: None,
+            }
+        );
+        assert_eq!(config.health.listen, addr("127.0.0.1:8080"));
+        assert_eq!(config.health.lameduck, Duration::from_secs(5));
+        assert_eq!(config.metrics.listen, Some(addr("0.0.0.0:9253")));
+    }
+
+    #[test]
+    fn health_listen_defaults_to_the_first_listen_ip_on_port_8080() {
+        let config = parse_text("[server]\nlisten = [\"[fd00::a]:53\", \"169.254.20.10:53\"]\n")
+            .expect("config");
+        assert_eq!(config.health.listen, addr("[fd00::a]:8080"));
+        let config =
+            parse_text("[server]\nlisten = [\"169.254.20.10:53\"]\n[health]\nlisten = \"\"\n")
+                .expect("config");
+        assert_eq!(config.health.listen, addr("169.254.20.10:8080"));
+    }
+
+    #[test]
+    fn node_health_and_metrics_keys_parse() {
+        let text = "[node]\nsetup_interface = true\ninterface = \"${IF}\"\n\
+                    setup_iptables = true\nrules = \"nftables\"\nsync_interval = \"1s\"\n\
+                    teardown = false\nfallback_service_chain = \"KUBE-SVC-TCOQ7XJHQPQMWC2M\"\n\
+                    [health]\nlisten = \"[::1]:8081\"\nlameduck = \"0s\"\n\
+                    [metrics]\nlisten = \"\"\n";
+        let config = parse_fake(
+            text,
+            None,
+            &[("IF", "dns0")],
+            &[("/etc/resolv.conf", HOST_RESOLV_CONF)],
+        )
+        .expect("config");
+        assert!(config.node.setup_interface);
+        assert_eq!(config.node.interface, "dns0");
+        assert!(config.node.setup_iptables);
+        assert_eq!(config.node.rules, RulesBackend::Nftables);
+        assert_eq!(config.node.sync_interval, Duration::from_secs(1));
+        assert!(!config.node.teardown);
+        assert_eq!(
+            config.node.fallback_service_chain.as_deref(),
+            Some("KUBE-SVC-TCOQ7XJHQPQMWC2M")
+        );
+        assert_eq!(config.health.listen, addr("[::1]:8081"));
+        assert_eq!(config.health.lameduck, Duration::ZERO);
+        assert_eq!(config.metrics.listen, None);
+        let config = parse_text("[node]\nfallback_service_chain = \"\"\n").expect("empty chain");
+        assert_eq!(config.node.fallback_service_chain, None);
+    }
+
+    #[test]
+    fn bad_node_values_name_file_line_and_key() {
+        assert_eq!(
+            error_of("[node]\n\ninterface = \"a-very-long-name0\"\n"),
+            "/etc/ringdns.toml:3: node.interface: \"a-very-long-name0\" is not an interface \
+             name: 17 characters (at most 15)"
+        );
+        assert!(error_of("[node]\ninterface = \"\"\n")
+            .starts_with("/etc/ringdns.toml:2: node.interface: \"\" is not an interface name"));
+        assert!(error_of("[node]\ninterface = \"eth/0\"\n").contains("character '/'"));
+        assert!(error_of("[node]\ninterface = \"a b\"\n").contains("character ' '"));
+        assert!(error_of("[node]\nrules = \"ebtables\"\n")
+            .ends_with("node.rules: \"ebtables\" is not one of auto | iptables | nftables"));
+        assert_eq!(
+            error_of("[node]\nsync_interval = \"500ms\"\n"),
+            "/etc/ringdns.toml:2: node.sync_interval: \"500ms\" is out of range \"1s\"..=\"1h\""
+        );
+        assert!(error_of("[node]\nsync_interval = \"61m\"\n").contains("out of range"));
+        assert!(error_of("[node]\nteardown = \"yes\"\n")
+            .starts_with("/etc/ringdns.toml:2: node.teardown: invalid type"));
+        assert!(error_of("[node]\nfallback_service_chain = \"-j ACCEPT\"\n")
+            .contains("node.fallback_service_chain: \"-j ACCEPT\" is not a chain name"));
+        assert!(error_of(&format!(
+            "[node]\nfallback_service_chain = \"{}\"\n",
+            "K".repeat(29)
+        ))
+        .contains("29 characters (at most 28)"));
+        assert_eq!(
+            error_of("[node]\nbogus = 1\n"),
+            "/etc/ringdns.toml:2: node.bogus: unknown key"
+        );
+    }
+
+    #[test]
+    fn bad_health_and_metrics_values_name_file_line_and_key() {
+        assert_eq!(
+            error_of("[health]\nlameduck = \"61s\"\n"),
+            "/etc/ringdns.toml:2: health.lameduck: \"61s\" is out of range \"0s\"..=\"1m\""
+        );
+        assert!(error_of("[health]\nlisten = \"127.0.0.1\"\n")
+            .starts_with("/etc/ringdns.toml:2: health.listen: \"127.0.0.1\" is not a listen"));
+        assert!(error_of("[metrics]\nlisten = \":9253\"\n")
+            .starts_with("/etc/ringdns.toml:2: metrics.listen: \":9253\" is not a listen"));
+        let shared =
+            parse_text("[health]\nlisten = \"127.0.0.1:9\"\n[metrics]\nlisten = \"127.0.0.1:9\"\n")
+                .expect("health and metrics may share an address");
+        assert_eq!(shared.metrics.listen, Some(shared.health.listen));
+        assert_eq!(
+            error_of(
+                "[server]\nlisten = [\"127.0.0.1:53\"]\n[health]\nlisten = \"127.0.0.1:53\"\n"
+            ),
+            "/etc/ringdns.toml:4: health.listen: 127.0.0.1:53 is already used by server.listen[0]"
+        );
+        assert_eq!(
+            error_of("[metrics]\nlisten = \"[::1]:5353\"\n"),
+            "/etc/ringdns.toml:2: metrics.listen: [::1]:5353 is already used by server.listen[1]"
+        );
     }
 
     #[test]
@@ -1669,6 +2260,8 @@ mod tests {
             DENIAL_TTL,
             SERVFAIL_TTL,
             FORWARD_TIMEOUT,
+            SYNC_INTERVAL,
+            LAMEDUCK,
         ] {
             assert!(knob.contains(&knob.default), "{}", knob.key);
         }
@@ -1695,6 +2288,12 @@ mod tests {
         }
         assert_eq!(config.forward[3].upstreams, vec![addr("192.0.2.53:53")]);
         assert_eq!(config.forward[3].transport, Transport::Udp);
+        assert!(config.node.setup_interface);
+        assert!(config.node.setup_iptables);
+        assert_eq!(config.node.interface, "nodelocaldns");
+        assert_eq!(config.node.rules, RulesBackend::Auto);
+        assert_eq!(config.health.listen, addr("169.254.20.10:8080"));
+        assert_eq!(config.metrics.listen, Some(addr("0.0.0.0:9253")));
     }
 
     #[test]
@@ -2148,7 +2747,12 @@ mod tests {
                     transport = \"tcp\"\ntimeout = \"250ms\"\n\
                     [[forward]]\nzone = \".\"\nupstreams = [\"fe80::1%2\"]\n\
                     transport = \"prefer_udp\"\n\
-                    [log]\nlevel = \"off\"\n";
+                    [log]\nlevel = \"off\"\n\
+                    [node]\nsetup_interface = true\ninterface = \"dns0\"\n\
+                    setup_iptables = true\nrules = \"iptables\"\nsync_interval = \"90s\"\n\
+                    teardown = false\nfallback_service_chain = \"KUBE-SVC-X\"\n\
+                    [health]\nlisten = \"[fd00::a]:8080\"\nlameduck = \"1500ms\"\n\
+                    [metrics]\nlisten = \"\"\n";
         let files = [(
             "/etc/resolv.conf",
             "nameserver 192.0.2.53\nnameserver 2001:db8::53\n",
