@@ -26,6 +26,8 @@ pub mod cache;
 pub mod config;
 pub mod control;
 pub mod dns;
+pub mod health;
+pub mod metrics;
 pub mod upstream;
 pub mod worker;
 

@@ -4,15 +4,23 @@
 //!
 //! Start-up order: decide the workers (one per CPU of the affinity mask) and the I/O backend
 //! (probing io_uring), bind every worker's sockets (so a bind error stops start-up with the
-//! address named), start the upstream side on `ringdns-ctl`, start the workers, log one
-//! `ready` line. Shutdown: tell every worker to stop, join them, stop the upstream side.
+//! address named), bind the health and metrics listeners, start the upstream side on
+//! `ringdns-ctl` and the HTTP side on `ringdns-http`, start the workers, log one `ready` line.
+//! Shutdown: `/health` turns 503 at once; on SIGTERM the workers keep answering for
+//! `[health] lameduck` (lame duck); then tell every worker to stop, join them, stop the
+//! upstream side, stop the HTTP side.
 #![forbid(unsafe_code)]
 
+pub mod iptables;
 pub mod logger;
+pub mod netlink;
+pub mod nftables;
+pub mod node;
+pub mod rules;
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -20,10 +28,14 @@ use nix::sys::signal::{SigSet, Signal};
 
 use crate::cache::Limits;
 use crate::config::{Config, IoBackend};
+use crate::health::{Health, HttpServer, Routes};
+use crate::metrics::{ControlMetrics, Sources};
 use crate::upstream::{self, ControlLink, UpstreamSide, WorkerLink};
 use crate::worker::handler::Settings;
-use crate::worker::stats::WorkerStats;
+use crate::worker::stats::{Layout, WorkerStats, Zones};
 use crate::worker::{self, sockets, Backend, Command, WorkerSetup};
+
+use self::node::{Node, NodeStats};
 
 /// Distinct misses one worker may have in flight before it answers SERVFAIL.
 const MAX_MISSES_PER_WORKER: usize = 4096;
@@ -79,6 +91,11 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let workers = config.server.worker_count(cores.len().max(1));
     let backend = choose_backend(config.server.io)?;
     let settings = settings(&config);
+    // Node integration (node.rs): the interface and its addresses come before any bind, since
+    // binding 169.254.20.10 needs the address. `node_stats` is for the metrics side.
+    let node_stats = Arc::new(NodeStats::default());
+    let mut node = Node::new(&config, node_stats.clone())?;
+    node.setup_interface()?;
     let control_wake = Arc::new(new_eventfd()?);
     let (requests, requests_rx) = upstream::request_channel(MAX_MISSES_PER_WORKER * workers);
     let control_link = ControlLink {
@@ -91,6 +108,12 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let mut all_stats = Vec::with_capacity(workers);
     let mut small_buffers = Vec::new();
     let (ready_tx, ready_rx) = crossbeam_channel::bounded(workers);
+    // Observability: every worker's series share one layout (listen addresses × zones).
+    let layout = Arc::new(Layout::new(
+        &config.server.listen,
+        Zones::new(config.forward.iter().map(|zone| zone.zone.as_str())),
+    ));
+    let epoch = Instant::now();
     for index in 0..workers {
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
@@ -106,7 +129,7 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         let wake = Arc::new(new_eventfd()?);
         let (reply_tx, replies) = crossbeam_channel::unbounded();
         let (command_tx, commands) = crossbeam_channel::unbounded();
-        let stats = Arc::new(WorkerStats::default());
+        let stats = Arc::new(WorkerStats::new(layout.clone(), epoch));
         links.push(WorkerLink {
             replies: reply_tx,
             wake: wake.clone(),
@@ -138,6 +161,7 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         );
     }
     drop(control_link);
+    let http_listeners = HttpListeners::bind(&config)?;
     let upstream_side = UpstreamSide::spawn(
         config.forward.clone(),
         config.server.udp_payload,
@@ -146,14 +170,55 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         control_wake,
     )
     .context("starting the upstream side")?;
+    // Observability: /health, /ready and /metrics on `ringdns-http`, up before the workers so
+    // /ready says 503 until they serve.
+    let control_metrics = Arc::new(ControlMetrics::default());
+    control_metrics.connect_node(node_stats.clone());
+    let health = Arc::new(Health::new(
+        config.server.listen[0],
+        all_stats.clone(),
+        control_metrics.clone(),
+    ));
+    let sources = Sources {
+        workers: all_stats.clone(),
+        upstreams: upstream_side.metrics(),
+        control: control_metrics.clone(),
+    };
+    let http = HttpServer::spawn(http_listeners.listeners, health.clone(), sources)
+        .context("starting ringdns-http")?;
     let mut handles = Vec::with_capacity(workers);
     for setup in setups {
         handles.push(worker::spawn(setup).context("starting a worker thread")?);
     }
     drop(ready_tx);
     let in_use = wait_ready(&ready_rx, workers)?;
-    log::info!("{}", ready_line(&config.server.listen, workers, in_use));
+    // Node integration: the fail-open rules match live sockets, so they go in once the
+    // workers serve (before the ready line); then `ringdns-node` keeps them in place.
+    node.setup_rules();
+    let node_sync = node.spawn_sync()?;
+    control_metrics.set_backend(in_use);
+    health.set_serving();
+    log::info!(
+        "{}",
+        ready_line(
+            &config.server.listen,
+            workers,
+            in_use,
+            http_listeners.metrics,
+            http_listeners.health
+        )
+    );
     let signal = shutdown.wait()?;
+    // Lame duck: /health turns 503 at once so probes and load balancers move away, while the
+    // workers keep answering for `[health] lameduck`; then they drain and stop.
+    health.enter_lame_duck();
+    let lameduck = config.health.lameduck;
+    if signal == Signal::SIGTERM && !lameduck.is_zero() {
+        log::info!(
+            "lame duck signal={signal:?} lameduck={lameduck:?}: /health is 503, still serving"
+        );
+        std::thread::sleep(lameduck);
+    }
     log::info!("stopping signal={signal:?}");
     for (commands, wake) in &command_senders {
         let _ = commands.send(Command::Stop);
@@ -165,8 +230,66 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         }
     }
     upstream_side.stop();
+    // Node integration: rules first, then the interface; only what ringdns created.
+    if let Some(node) = node_sync.stop() {
+        node.teardown();
+    }
+    http.stop();
     log::info!("stopped");
     Ok(())
+}
+
+/// The bound HTTP listeners of `ringdns-http` and what the ready line says about them.
+#[derive(Debug)]
+struct HttpListeners {
+    /// Health, then metrics unless it shares the health address; with the paths each serves.
+    listeners: Vec<(TcpListener, Routes)>,
+    /// Bound health address.
+    health: SocketAddr,
+    /// Bound metrics address; `None` = off.
+    metrics: Option<SocketAddr>,
+}
+
+impl HttpListeners {
+    /// Binds `[health] listen` and `[metrics] listen` (one socket serving both if they are the
+    /// same address).
+    fn bind(config: &Config) -> anyhow::Result<HttpListeners> {
+        let bind = |addr: SocketAddr, what: &str| -> anyhow::Result<(TcpListener, SocketAddr)> {
+            let listener =
+                TcpListener::bind(addr).with_context(|| format!("binding {what} {addr}"))?;
+            let bound = listener
+                .local_addr()
+                .with_context(|| format!("{what} {addr}"))?;
+            Ok((listener, bound))
+        };
+        let (health_listener, health) = bind(config.health.listen, "health")?;
+        let shared = config.metrics.listen == Some(config.health.listen);
+        let mut listeners = vec![(
+            health_listener,
+            Routes {
+                health: true,
+                metrics: shared,
+            },
+        )];
+        let metrics = match config.metrics.listen {
+            None => None,
+            Some(_) if shared => Some(health),
+            Some(addr) => {
+                let (listener, bound) = bind(addr, "metrics")?;
+                let routes = Routes {
+                    health: false,
+                    metrics: true,
+                };
+                listeners.push((listener, routes));
+                Some(bound)
+            }
+        };
+        Ok(HttpListeners {
+            listeners,
+            health,
+            metrics,
+        })
+    }
 }
 
 /// Waits until every worker serves; returns the backend in use (epoll if any worker fell back).
@@ -195,14 +318,21 @@ fn wait_ready(
 }
 
 /// The one line tests and operators wait for.
-fn ready_line(listen: &[SocketAddr], workers: usize, backend: Backend) -> String {
+fn ready_line(
+    listen: &[SocketAddr],
+    workers: usize,
+    backend: Backend,
+    metrics: Option<SocketAddr>,
+    health: SocketAddr,
+) -> String {
     let addrs = listen
         .iter()
         .map(|addr| addr.to_string())
         .collect::<Vec<_>>()
         .join(",");
+    let metrics = metrics.map_or_else(|| "off".to_owned(), |addr| addr.to_string());
     format!(
-        "ready udp={addrs} tcp={addrs} workers={workers} io={}",
+        "ready udp={addrs} tcp={addrs} workers={workers} io={} metrics={metrics} health={health}",
         backend.name()
     )
 }

@@ -498,6 +498,69 @@ pub fn write_servfail(query: &Query<'_>, udp_payload: u16, out: &mut [u8]) -> us
     }
 }
 
+/// QTYPE TXT (RFC 1035 §3.2.2).
+const TYPE_TXT: u16 = 16;
+
+/// QCLASS CH (RFC 1035 §3.2.4).
+const CLASS_CH: u16 = 3;
+
+/// `id.server.` in wire format (RFC 4892 §2).
+const ID_SERVER: &[u8] = b"\x02id\x06server\x00";
+
+/// The TXT string ringdns answers `id.server.` CH TXT with.
+pub const SERVER_ID: &[u8] = b"ringdns";
+
+impl Query<'_> {
+    /// Whether this is `id.server.` CH TXT (RFC 4892 §2), which ringdns answers itself: the
+    /// health check's probe, answered without cache or upstream.
+    pub fn is_id_server(&self) -> bool {
+        self.qclass == CLASS_CH
+            && self.qtype == TYPE_TXT
+            && self.qname.eq_ignore_ascii_case(ID_SERVER)
+    }
+}
+
+/// Writes the answer to an `id.server.` CH TXT query into `out`: AA=1, one TXT record
+/// [`SERVER_ID`] with TTL 0 (RFC 4892 §2), an OPT iff the query had one. Returns its length (0
+/// if it does not fit). Does not allocate.
+pub fn write_id_server(query: &Query<'_>, udp_payload: u16, out: &mut [u8]) -> usize {
+    let question_end = query.question_end.min(HEADER_LEN + query.qname.len() + 4);
+    let Ok(text_len) = u8::try_from(SERVER_ID.len()) else {
+        return 0;
+    };
+    // Pointer to the qname, TYPE, CLASS, TTL, RDLENGTH, then the one character-string.
+    let record_len = 2 + 2 + 2 + 4 + 2 + 1 + SERVER_ID.len();
+    let len = question_end + record_len;
+    let (Some(dest), Some(question)) = (out.get_mut(..len), query.bytes.get(..question_end)) else {
+        return 0;
+    };
+    dest[..question_end].copy_from_slice(question);
+    let record = &mut dest[question_end..];
+    record[..2].copy_from_slice(&[0xC0, HEADER_LEN as u8]);
+    record[2..4].copy_from_slice(&TYPE_TXT.to_be_bytes());
+    record[4..6].copy_from_slice(&CLASS_CH.to_be_bytes());
+    record[6..10].copy_from_slice(&0u32.to_be_bytes());
+    record[10..12].copy_from_slice(&(1 + u16::from(text_len)).to_be_bytes());
+    record[12] = text_len;
+    record[13..].copy_from_slice(SERVER_ID);
+    let header = Header::for_message_slice_mut(out);
+    header.set_qr(true);
+    header.set_aa(true);
+    header.set_tc(false);
+    header.set_ra(true);
+    header.set_ad(false);
+    header.set_rcode(Rcode::NOERROR);
+    let counts = HeaderCounts::for_message_slice_mut(out);
+    counts.set_qdcount(1);
+    counts.set_ancount(1);
+    counts.set_nscount(0);
+    counts.set_arcount(0);
+    match query.edns {
+        Some(edns) => len + write_opt(out, len, udp_payload, 0, edns.dnssec_ok),
+        None => len,
+    }
+}
+
 /// Builds the upstream query for a miss: ID 0 (the control side randomizes it), RD=1, CD and
 /// DO as the client asked, the lower-case question, an OPT advertising `udp_payload`. Miss
 /// path; allocates.

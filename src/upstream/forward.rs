@@ -17,6 +17,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -27,7 +28,7 @@ use tokio::time::Instant;
 use super::pool::TcpPool;
 use super::route::{self, Question, Router};
 use super::udp::{UdpSet, QUERIES_PER_SOCKET};
-use super::{Error, Failure, Outcome, Reply, Request, UpstreamStats, WorkerLink};
+use super::{Error, Failure, Outcome, Reply, Request, UpstreamMetrics, UpstreamStats, WorkerLink};
 use crate::config::{ForwardZone, Transport};
 
 /// Shortest slice of the budget an attempt gets before the next upstream is tried: a loaded
@@ -155,6 +156,23 @@ impl Forwarder {
     /// A snapshot of the control-side counters.
     pub(crate) fn stats(&self) -> ForwardStats {
         *self.stats.borrow()
+    }
+
+    /// Each upstream's metrics, in config order.
+    pub(crate) fn metrics(&self) -> Vec<Arc<UpstreamMetrics>> {
+        self.upstreams
+            .iter()
+            .map(|upstream| Arc::clone(&upstream.metrics))
+            .collect()
+    }
+
+    /// Publishes gauges that change without a request: open pooled connections.
+    pub(crate) fn publish(&self) {
+        for upstream in &self.upstreams {
+            upstream
+                .metrics
+                .set_connections(upstream.tcp.open_connections());
+        }
     }
 
     /// Per-upstream counters, by address.
@@ -411,6 +429,23 @@ async fn attempt(
     question: &Question,
     slice: Duration,
 ) -> Result<Vec<u8>, Error> {
+    let started = Instant::now();
+    let result = exchange(upstream, transport, query, question, slice).await;
+    if let Ok(answer) = &result {
+        let rcode = answer.get(3).map_or(0, |flags| flags & 0x0f);
+        upstream.metrics.observe(rcode, started.elapsed());
+    }
+    result
+}
+
+/// The exchange of one [`attempt`], by transport.
+async fn exchange(
+    upstream: &Upstream,
+    transport: Transport,
+    query: &[u8],
+    question: &Question,
+    slice: Duration,
+) -> Result<Vec<u8>, Error> {
     match transport {
         Transport::Tcp => upstream.tcp.exchange(query, question, slice).await,
         Transport::Udp => {
@@ -492,6 +527,8 @@ pub(crate) struct Upstream {
     tcp: TcpPool,
     /// Its counters, shared with `udp` and `tcp`.
     stats: Rc<RefCell<UpstreamStats>>,
+    /// What the metrics endpoint reads.
+    metrics: Arc<UpstreamMetrics>,
     /// Up or down, as last logged.
     health: Cell<Health>,
     /// Failed attempts since the last answer.
@@ -507,6 +544,7 @@ impl Upstream {
             udp: UdpSet::new(addr, udp_payload, QUERIES_PER_SOCKET, Rc::clone(&stats)),
             tcp: TcpPool::new(addr, Rc::clone(&stats)),
             stats,
+            metrics: Arc::new(UpstreamMetrics::new(addr)),
             health: Cell::new(Health::Up),
             failures: Cell::new(0),
         }
@@ -531,6 +569,7 @@ impl Upstream {
                 _ => stats.errors += 1,
             }
         }
+        self.metrics.record_failure();
         let failures = self.failures.get().saturating_add(1);
         self.failures.set(failures);
         if failures >= DOWN_AFTER_FAILURES && self.health.get() == Health::Up {

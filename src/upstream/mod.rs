@@ -26,6 +26,7 @@ mod udp;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -37,6 +38,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
 use crate::config::ForwardZone;
+use crate::worker::stats::{duration_bucket, HistogramCounts, DURATION_BUCKETS, RCODE_SLOTS};
 use forward::Forwarder;
 
 /// One upstream query from a worker.
@@ -206,6 +208,104 @@ pub struct UpstreamStats {
     pub stale_retries: u64,
 }
 
+/// Slots of one proxy-duration histogram: the buckets, `+Inf`, then the sum in nanoseconds.
+const PROXY_DURATION_SLOTS: usize = DURATION_BUCKETS + 2;
+
+/// How often the control side publishes gauges (pool connections, failures) into
+/// [`UpstreamMetrics`].
+const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What the metrics endpoint shows of one upstream address (`coredns_proxy_*`,
+/// `ringdns_upstream_pool_connections`).
+///
+/// # Threads
+///
+/// Owned by the control thread (`ringdns-ctl`), the only writer, with `Relaxed` load + store;
+/// shared (`Arc`) with `ringdns-http`, which only reads (`Relaxed`) at scrape time.
+#[derive(Debug)]
+pub struct UpstreamMetrics {
+    /// The upstream.
+    addr: SocketAddr,
+    /// `[rcode][PROXY_DURATION_SLOTS]`: duration of exchanges that got an answer, by its rcode.
+    durations: Box<[AtomicU64]>,
+    /// Attempts that timed out or failed (CoreDNS's health-check failures have no equivalent:
+    /// ringdns learns an upstream is down from failed queries, not from probes).
+    failures: AtomicU64,
+    /// Open pooled TCP connections, as last published.
+    connections: AtomicU64,
+}
+
+impl UpstreamMetrics {
+    /// Zeroed series for `addr`.
+    pub(crate) fn new(addr: SocketAddr) -> UpstreamMetrics {
+        UpstreamMetrics {
+            addr,
+            durations: (0..RCODE_SLOTS * PROXY_DURATION_SLOTS)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            failures: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+        }
+    }
+
+    /// The upstream address (label `to`).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The duration histogram of answers with `rcode` (0..16; sum in nanoseconds).
+    pub fn durations(&self, rcode: usize) -> HistogramCounts {
+        let base = rcode * PROXY_DURATION_SLOTS;
+        let read = |slot: usize| {
+            self.durations
+                .get(base + slot)
+                .map_or(0, |cell| cell.load(Ordering::Relaxed))
+        };
+        HistogramCounts {
+            buckets: (0..PROXY_DURATION_SLOTS - 1).map(read).collect(),
+            sum: read(PROXY_DURATION_SLOTS - 1),
+        }
+    }
+
+    /// Failed or timed-out attempts so far.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Open pooled TCP connections (published once a second).
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Records an exchange answered with `rcode` after `elapsed`. Control thread only.
+    pub(crate) fn observe(&self, rcode: u8, elapsed: Duration) {
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        let base = usize::from(rcode) % RCODE_SLOTS * PROXY_DURATION_SLOTS;
+        add(self.durations.get(base + duration_bucket(nanos)), 1);
+        add(self.durations.get(base + PROXY_DURATION_SLOTS - 1), nanos);
+    }
+
+    /// Counts one failed attempt. Control thread only.
+    pub(crate) fn record_failure(&self) {
+        add(Some(&self.failures), 1);
+    }
+
+    /// Publishes the number of open pooled connections. Control thread only.
+    pub(crate) fn set_connections(&self, open: usize) {
+        self.connections.store(open as u64, Ordering::Relaxed);
+    }
+}
+
+/// Adds `amount` to a single-writer counter with a `Relaxed` load + store.
+fn add(cell: Option<&AtomicU64>, amount: u64) {
+    if let Some(cell) = cell {
+        cell.store(
+            cell.load(Ordering::Relaxed).saturating_add(amount),
+            Ordering::Relaxed,
+        );
+    }
+}
+
 /// The running control thread's forwarding side.
 ///
 /// # Threads
@@ -219,6 +319,8 @@ pub struct UpstreamSide {
     thread: JoinHandle<()>,
     /// Fires (or drops) to stop the loop.
     stop: oneshot::Sender<()>,
+    /// Each upstream address's series, in config order.
+    metrics: Vec<Arc<UpstreamMetrics>>,
 }
 
 impl UpstreamSide {
@@ -232,7 +334,8 @@ impl UpstreamSide {
         wake: Arc<EventFd>,
     ) -> io::Result<UpstreamSide> {
         let (stop, stopped) = oneshot::channel();
-        let (ready, started) = std::sync::mpsc::sync_channel::<io::Result<()>>(1);
+        let (ready, started) =
+            std::sync::mpsc::sync_channel::<io::Result<Vec<Arc<UpstreamMetrics>>>>(1);
         let thread = std::thread::Builder::new()
             .name("ringdns-ctl".into())
             .spawn(move || {
@@ -259,14 +362,18 @@ impl UpstreamSide {
                         }
                     };
                     let forwarder = Rc::new(Forwarder::new(zones, udp_payload, workers));
-                    let _ = ready.send(Ok(()));
+                    let _ = ready.send(Ok(forwarder.metrics()));
                     run(&forwarder, &requests, &wake, stopped).await;
                     forwarder.wake_workers();
                     report(&forwarder);
                 });
             })?;
         match started.recv() {
-            Ok(Ok(())) => Ok(UpstreamSide { thread, stop }),
+            Ok(Ok(metrics)) => Ok(UpstreamSide {
+                thread,
+                stop,
+                metrics,
+            }),
             Ok(Err(error)) => {
                 let _ = thread.join();
                 Err(error)
@@ -276,6 +383,11 @@ impl UpstreamSide {
                 Err(io::Error::other("ringdns-ctl exited during start-up"))
             }
         }
+    }
+
+    /// Each upstream address's series (for the metrics endpoint), in config order.
+    pub fn metrics(&self) -> Vec<Arc<UpstreamMetrics>> {
+        self.metrics.clone()
     }
 
     /// Stops accepting work, answers nothing more, joins the thread. Requests in flight get no
@@ -299,6 +411,8 @@ enum Wake {
     Requests,
     /// The eventfd failed; fall back to polling.
     Broken(io::Error),
+    /// Time to publish gauges into [`UpstreamMetrics`].
+    Publish,
 }
 
 /// The control loop: wait for the eventfd, drain requests, flush worker wake-ups, until stop.
@@ -311,6 +425,8 @@ async fn run(
     // Drain once at start: requests may predate the eventfd registration.
     let mut backlog = true;
     let mut broken = false;
+    let mut publish = tokio::time::interval(PUBLISH_INTERVAL);
+    publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     info!(
         "upstream side up upstreams={}",
         forwarder.upstream_stats().len()
@@ -334,11 +450,13 @@ async fn run(
                 },
                 Err(error) => Wake::Broken(error),
             },
+            _ = publish.tick() => Wake::Publish,
         };
         match wake_up {
             Wake::Stop => break,
             Wake::Replies => forwarder.wake_workers(),
             Wake::Requests => backlog = drain(forwarder, requests),
+            Wake::Publish => forwarder.publish(),
             Wake::Broken(cause) => {
                 error!("control eventfd failed, polling every {FALLBACK_POLL:?} error=\"{cause}\"");
                 broken = true;
@@ -545,7 +663,18 @@ mod tests {
         let reply = harness.one();
         assert_eq!(reply.token, 7);
         assert_genuine(answer_of(&reply), "www.example.com.");
-        assert!(harness.worker_wake.read().expect("worker was woken") >= 1);
+        // The reply is queued before the wake-up is written (once per pass): wait for it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let woken = loop {
+            match harness.worker_wake.read() {
+                Ok(count) => break count,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(error) => panic!("worker was not woken: {error}"),
+            }
+        };
+        assert!(woken >= 1);
         assert_eq!(responder.udp_queries(), 1);
         assert_eq!(responder.accepts(), 0);
     }

@@ -85,8 +85,7 @@ impl TcpPool {
         }
     }
 
-    /// Open connections right now (for tests).
-    #[cfg(test)]
+    /// Open connections right now (metrics and tests).
     pub(crate) fn open_connections(&self) -> usize {
         self.connections
             .borrow()

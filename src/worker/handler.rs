@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cache::{Limits, Lookup, Shard};
-use crate::dns::{self, Answer, Query, Rejection, KEY_MAX};
+use crate::dns::{self, Answer, Kind, Query, Rejection, KEY_MAX};
 use crate::upstream::{Outcome, Reply, Request};
 
 use super::pending::{Joined, Origin, Pending, Waiter};
-use super::stats::{Counter, WorkerStats};
+use super::stats::{CacheType, Counter, Labels, Plugin, Proto, WorkerStats};
 
 /// Largest DNS message over TCP (RFC 1035 §4.2.2: 16-bit length prefix).
 pub const TCP_MESSAGE_MAX: usize = 65535;
@@ -103,7 +103,9 @@ impl Handler {
 
     /// Handles one query from `origin`, writing any reply into `out`.
     ///
-    /// A cache hit does not allocate.
+    /// A cache hit does not allocate. Every parsed query is counted under its listen socket,
+    /// zone, protocol and qtype; its response (now, or when the miss is answered) under its
+    /// rcode and plugin, with the time since `now` as its duration.
     pub fn handle_query(
         &mut self,
         bytes: &[u8],
@@ -127,17 +129,45 @@ impl Handler {
             Err(rejection) => return self.reject(bytes, rejection, out),
         };
         let limit = limit.unwrap_or_else(|| query.udp_limit(udp_payload));
+        let id_server = query.is_id_server();
+        let zones = self.stats.layout().zones();
+        let zone = if id_server {
+            zones.root()
+        } else {
+            zones.index_of(query.qname)
+        };
+        let labels = labels(origin, zone);
+        let dnssec_ok = query.edns.is_some_and(|edns| edns.dnssec_ok);
+        self.stats
+            .record_query(labels, query.qtype, bytes.len(), dnssec_ok);
+        if id_server {
+            self.stats.bump(Counter::IdServer);
+            let len = dns::write_id_server(&query, udp_payload, out);
+            return self.answered(labels, len, out, Plugin::Chaos, Duration::ZERO);
+        }
         let key_len = query.key_into(&mut self.key);
         let key = &self.key[..key_len];
         if let Lookup::Hit { answer, ttl_secs } = self.shard.lookup(key, now) {
             self.stats.bump(Counter::CacheHits);
+            let kind = match answer.kind() {
+                Kind::Success | Kind::Other => CacheType::Success,
+                Kind::Denial | Kind::ServFail => CacheType::Denial,
+            };
+            self.stats
+                .record_cache(labels.socket, labels.zone, Some(kind));
             let len = answer.write_reply(&query, ttl_secs, udp_payload, limit, out);
-            return self.sent(len, out);
+            // Served with the clock read once per batch: a hit's duration is ~0 by design.
+            return self.answered(labels, len, out, Plugin::Cache, Duration::ZERO);
         }
         self.stats.bump(Counter::CacheMisses);
+        self.stats.record_cache(labels.socket, labels.zone, None);
+        // The lookup may have dropped an expired entry.
+        self.stats.set_cache_entries(self.shard.len());
         let waiter = Waiter {
             origin,
             query: bytes.into(),
+            parked: now,
+            zone: labels.zone,
         };
         let deadline = now + self.settings.miss_deadline;
         match self.pending.join(key, waiter, deadline) {
@@ -158,10 +188,10 @@ impl Handler {
                 } else {
                     // Queue full (or control gone): answer now rather than wait (STYLE §2).
                     self.pending.take(token);
-                    self.overloaded(&query, out)
+                    self.overloaded(&query, labels, out)
                 }
             }
-            Joined::Full => self.overloaded(&query, out),
+            Joined::Full => self.overloaded(&query, labels, out),
         }
     }
 
@@ -196,6 +226,10 @@ impl Handler {
         let ttl_secs = answer
             .as_ref()
             .map_or(0, |answer| self.shard.reply_ttl(answer));
+        let plugin = match answer {
+            Some(_) => Plugin::Forward,
+            None => Plugin::None,
+        };
         for waiter in &miss.waiters {
             let Ok(query) = Query::parse(&waiter.query) else {
                 continue;
@@ -210,14 +244,25 @@ impl Handler {
                 }
                 None => dns::write_servfail(&query, self.settings.udp_payload, out),
             };
-            if let Action::Reply { len } = self.sent(len, out) {
+            let labels = labels(waiter.origin, usize::from(waiter.zone));
+            let elapsed = now.saturating_duration_since(waiter.parked);
+            if let Action::Reply { len } = self.answered(labels, len, out, plugin, elapsed) {
                 send(waiter.origin, &out[..len]);
             }
         }
         if let Some(answer) = answer {
+            let kind = match answer.kind() {
+                Kind::Denial | Kind::ServFail => CacheType::Denial,
+                Kind::Success | Kind::Other => CacheType::Success,
+            };
+            let before = self.shard.counts().evictions;
             self.shard.insert(&miss.key, answer, now);
+            let evictions = self.shard.counts().evictions;
+            // An insert evicts from the cache it goes into.
             self.stats
-                .set(Counter::Evictions, self.shard.counts().evictions);
+                .record_evictions(kind, evictions.saturating_sub(before));
+            self.stats.set(Counter::Evictions, evictions);
+            self.stats.set_cache_entries(self.shard.len());
         }
     }
 
@@ -228,7 +273,11 @@ impl Handler {
             for waiter in &miss.waiters {
                 if let Ok(query) = Query::parse(&waiter.query) {
                     let len = dns::write_servfail(&query, self.settings.udp_payload, out);
-                    if len > 0 {
+                    let labels = labels(waiter.origin, usize::from(waiter.zone));
+                    let elapsed = now.saturating_duration_since(waiter.parked);
+                    if let Action::Reply { len } =
+                        self.answered(labels, len, out, Plugin::None, elapsed)
+                    {
                         send(waiter.origin, &out[..len]);
                     }
                 }
@@ -276,10 +325,28 @@ impl Handler {
     }
 
     /// SERVFAIL for a query we cannot forward right now.
-    fn overloaded(&mut self, query: &Query<'_>, out: &mut [u8]) -> Action {
+    fn overloaded(&mut self, query: &Query<'_>, labels: Labels, out: &mut [u8]) -> Action {
         self.stats.bump(Counter::Overloaded);
         let len = dns::write_servfail(query, self.settings.udp_payload, out);
-        self.sent(len, out)
+        self.answered(labels, len, out, Plugin::None, Duration::ZERO)
+    }
+
+    /// [`Handler::sent`], and a reply that will go out is counted as a response to `labels`.
+    fn answered(
+        &self,
+        labels: Labels,
+        len: usize,
+        out: &[u8],
+        plugin: Plugin,
+        elapsed: Duration,
+    ) -> Action {
+        let action = self.sent(len, out);
+        if let Action::Reply { len } = action {
+            let rcode = out.get(3).map_or(0, |flags| flags & 0x0f);
+            self.stats
+                .record_response(labels, rcode, plugin, len, elapsed);
+        }
+        action
     }
 
     /// A reply of `len` bytes is ready in `out` (0 = it did not fit).
@@ -291,6 +358,19 @@ impl Handler {
             self.stats.bump(Counter::Truncated);
         }
         Action::Reply { len }
+    }
+}
+
+/// Where a query from `origin` in zone `zone` is counted.
+fn labels(origin: Origin, zone: usize) -> Labels {
+    let (socket, proto) = match origin {
+        Origin::Udp { socket, .. } => (socket, Proto::Udp),
+        Origin::Tcp { socket, .. } => (socket, Proto::Tcp),
+    };
+    Labels {
+        socket,
+        zone: u16::try_from(zone).unwrap_or(u16::MAX),
+        proto,
     }
 }
 
@@ -401,7 +481,7 @@ mod tests {
         let mut out = vec![0u8; 1232];
         let q = query("dead.test", 1, None);
         handler.handle_query(&q, now, udp(1), &mut out);
-        handler.handle_query(&q, now, Origin::Tcp { conn: 7 }, &mut out);
+        handler.handle_query(&q, now, Origin::Tcp { socket: 0, conn: 7 }, &mut out);
         let request = requests.try_recv().expect("request");
         let sent = deliver(
             &mut handler,
@@ -496,5 +576,100 @@ mod tests {
         );
         assert_eq!(sent[0].1[3] & 0x0f, 2);
         assert_eq!(handler.cache_len(), (0, 0));
+    }
+
+    /// A handler whose stats know the zones `cluster.local.` and `.` on two listen addresses.
+    fn zoned_handler() -> (Handler, crossbeam_channel::Receiver<Request>) {
+        use super::super::stats::{Layout, Zones};
+        let (plain, requests) = handler(8);
+        let servers: [SocketAddr; 2] = [([127, 0, 0, 1], 53).into(), ([0u16; 8], 53).into()];
+        let layout = Layout::new(&servers, Zones::new(["cluster.local."]));
+        let stats = Arc::new(WorkerStats::new(Arc::new(layout), Instant::now()));
+        let Handler {
+            worker,
+            settings,
+            requests: to_control,
+            ..
+        } = plain;
+        (Handler::new(worker, settings, to_control, stats), requests)
+    }
+
+    #[test]
+    fn queries_and_responses_are_counted_by_zone_plugin_and_duration() {
+        use super::super::stats::{duration_bucket, qtype_slot};
+        let (mut handler, requests) = zoned_handler();
+        let now = Instant::now();
+        let mut out = vec![0u8; 1232];
+        let q = query("Svc.Cluster.Local", 1, Some((1232, 0, true)));
+        let tcp = Origin::Tcp { socket: 1, conn: 3 };
+        assert_eq!(handler.handle_query(&q, now, tcp, &mut out), Action::Parked);
+        let request = requests.try_recv().expect("one request");
+        let later = now + Duration::from_millis(3);
+        deliver(
+            &mut handler,
+            Reply {
+                token: request.token,
+                outcome: Outcome::Answer(answer(&request.query, 0, &[30], None)),
+            },
+            later,
+        );
+        assert!(matches!(
+            handler.handle_query(&q, later, udp(5), &mut out),
+            Action::Reply { .. }
+        ));
+        let stats = Arc::clone(&handler.stats);
+        let tcp_labels = Labels {
+            socket: 1,
+            zone: 0,
+            proto: Proto::Tcp,
+        };
+        let udp_labels = Labels {
+            socket: 0,
+            zone: 0,
+            proto: Proto::Udp,
+        };
+        assert_eq!(stats.requests(tcp_labels, qtype_slot(1)), 1);
+        assert_eq!(stats.requests(udp_labels, qtype_slot(1)), 1);
+        assert_eq!(stats.do_requests(1, 0), 1);
+        assert_eq!(stats.responses(1, 0, 0, Plugin::Forward), 1);
+        assert_eq!(stats.responses(0, 0, 0, Plugin::Cache), 1);
+        assert_eq!(stats.cache_misses(1, 0), 1);
+        assert_eq!(stats.cache_hits(0, 0, CacheType::Success), 1);
+        let miss = stats.durations(1, 0);
+        assert_eq!(miss.buckets[duration_bucket(3_000_000)], 1, "park to reply");
+        assert_eq!(miss.sum, 3_000_000);
+        let hit = stats.durations(0, 0);
+        assert_eq!(
+            (hit.buckets[0], hit.sum),
+            (1, 0),
+            "a hit takes the batch's clock"
+        );
+        assert_eq!(stats.cache_entries(CacheType::Success), 1);
+    }
+
+    #[test]
+    fn id_server_is_answered_locally_and_counted_under_the_root() {
+        let (mut handler, requests) = zoned_handler();
+        let mut out = vec![0u8; 1232];
+        let mut q = query("ID.server", 16, None);
+        let class = q.len() - 2;
+        q[class..].copy_from_slice(&3u16.to_be_bytes());
+        let Action::Reply { len } = handler.handle_query(&q, Instant::now(), udp(1), &mut out)
+        else {
+            panic!("id.server. CH TXT is answered at once");
+        };
+        assert!(requests.try_recv().is_err(), "nothing goes upstream");
+        assert_eq!(out[3] & 0x0f, 0, "NOERROR");
+        assert_eq!(&out[6..8], &[0, 1], "one answer");
+        assert!(out[..len].ends_with(b"\x07ringdns"));
+        assert_eq!(handler.cache_len(), (0, 0), "not cached");
+        let root = Labels {
+            socket: 0,
+            zone: 1,
+            proto: Proto::Udp,
+        };
+        assert_eq!(handler.stats.requests(root, 6), 1, "type TXT, zone .");
+        assert_eq!(handler.stats.responses(0, 1, 0, Plugin::Chaos), 1);
+        assert_eq!(handler.stats.read(Counter::IdServer), 1);
     }
 }

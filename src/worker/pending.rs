@@ -19,6 +19,8 @@ pub enum Origin {
     },
     /// A TCP client connection of this worker.
     Tcp {
+        /// Index of the listen address the connection was accepted on (as for UDP).
+        socket: u16,
         /// The worker's connection number.
         conn: u64,
     },
@@ -31,6 +33,10 @@ pub struct Waiter {
     pub origin: Origin,
     /// The client's query as received (re-parsed to answer it: ID, case, EDNS, RD, CD).
     pub query: Box<[u8]>,
+    /// When the query arrived (the receive loop's clock), for the request-duration metric.
+    pub parked: Instant,
+    /// Index of the metrics zone the qname is in (`stats::Zones`).
+    pub zone: u16,
 }
 
 /// One distinct miss in flight.
@@ -152,8 +158,10 @@ mod tests {
 
     fn waiter(conn: u64) -> Waiter {
         Waiter {
-            origin: Origin::Tcp { conn },
+            origin: Origin::Tcp { socket: 0, conn },
             query: Box::default(),
+            parked: Instant::now(),
+            zone: 0,
         }
     }
 

@@ -70,6 +70,8 @@ pub struct RingUdp {
     events: Arc<EventFd>,
     /// SQEs pushed since the last submit.
     unsubmitted: bool,
+    /// Whether the kernel supports `min_wait` (IORING_FEAT_MIN_TIMEOUT, Linux 6.12).
+    min_wait: bool,
 }
 
 impl std::fmt::Debug for RingUdp {
@@ -113,6 +115,7 @@ impl RingUdp {
         let mut recv_msghdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         recv_msghdr.msg_namelen = ADDR_LEN as libc::socklen_t;
         let armed = vec![false; sockets.len()];
+        let min_wait = ring.params().is_feature_min_timeout();
         let mut udp = RingUdp {
             ring,
             sockets,
@@ -123,6 +126,7 @@ impl RingUdp {
             armed,
             events,
             unsubmitted: false,
+            min_wait,
         };
         udp.arm_receives()?;
         udp.ring.submit()?;
@@ -149,6 +153,23 @@ impl RingUdp {
             self.ring.submit()?;
         }
         Err(io::Error::other("io_uring submission queue stays full"))
+    }
+
+    /// Waits in the kernel up to `wait` for `want` more completions (returning early once
+    /// `min_wait` has passed with at least one), so that at moderate rates one wake-up serves
+    /// several datagrams.
+    pub fn linger(&mut self, want: usize, wait: Duration) {
+        let timeout = Timespec::from(wait);
+        let micros = u32::try_from(wait.as_micros()).unwrap_or(u32::MAX);
+        let args = SubmitArgs::new().timespec(&timeout);
+        let args = if self.min_wait {
+            args.min_wait_usec(micros)
+        } else {
+            args
+        };
+        // ETIME (nothing arrived) and EINTR are normal outcomes of a bounded wait.
+        let _ = self.ring.submitter().submit_with_args(want, &args);
+        self.unsubmitted = false;
     }
 
     /// Arms a multishot RecvMsg on every socket that has none.
@@ -204,13 +225,32 @@ impl RingUdp {
         }
     }
 
+    /// Submits queued SQEs and runs deferred task work (DEFER_TASKRUN posts completions only
+    /// from an enter carrying GETEVENTS). GETEVENTS is passed every time, not only when the
+    /// kernel's TASKRUN flag says work is pending: the kernel runs at most a bounded batch of
+    /// task work per enter and may leave the rest queued without raising the flag again.
+    fn run_task_work(&mut self) {
+        let to_submit = self.ring.submission().len() as u32;
+        // SAFETY: a plain io_uring_enter on our own ring: `to_submit` counts SQEs already
+        // pushed (each valid, see `push`), min_complete 0 never blocks, no extended argument.
+        let _ = unsafe {
+            self.ring.submitter().enter::<libc::sigset_t>(
+                to_submit,
+                0,
+                io_uring::EnterFlags::GETEVENTS.bits(),
+                None,
+            )
+        };
+        self.unsubmitted = false;
+    }
+
     /// Runs deferred completions and handles every CQE: answers queries (hits in place into a
-    /// send slot), frees send slots, re-arms receives. Loops until the ring has nothing more.
-    pub fn poll(&mut self, handler: &mut Handler, stats: &WorkerStats, now: Instant) {
+    /// send slot), frees send slots, re-arms receives. Loops until the ring has nothing more;
+    /// returns how many completions it handled.
+    pub fn poll(&mut self, handler: &mut Handler, stats: &WorkerStats, now: Instant) -> usize {
+        let mut total = 0;
         loop {
-            // Runs deferred task work (DEFER_TASKRUN) and submits queued sends.
-            let _ = self.ring.submit();
-            self.unsubmitted = false;
+            self.run_task_work();
             let mut handled = 0usize;
             loop {
                 let Some(cqe) = self.ring.completion().next() else {
@@ -219,13 +259,14 @@ impl RingUdp {
                 handled += 1;
                 self.complete(&cqe, handler, stats, now);
             }
+            total += handled;
             self.bufs.publish();
             if self.arm_receives().is_err() {
                 stats.bump(Counter::SendErrors);
             }
             if handled == 0 {
                 self.flush();
-                return;
+                return total;
             }
         }
     }

@@ -19,6 +19,10 @@ use super::Shared;
 /// Accepts connections on `listener` until the worker stops; over the cap, a new connection
 /// is closed at once (the client retries elsewhere or later).
 pub(super) async fn accept_loop(shared: Rc<RefCell<Shared>>, listener: TcpListener) {
+    // The listen address's index, as UDP sockets carry theirs (metrics label `server`).
+    let socket = listener
+        .local_addr()
+        .map_or(0, |addr| shared.borrow().stats.layout().socket_of(addr));
     loop {
         let Ok((stream, _peer)) = listener.accept().await else {
             // EMFILE and friends: back off briefly instead of spinning.
@@ -36,14 +40,14 @@ pub(super) async fn accept_loop(shared: Rc<RefCell<Shared>>, listener: TcpListen
             state.next_conn
         };
         let _ = stream.set_nodelay(true);
-        tokio::task::spawn_local(serve(shared.clone(), stream, conn));
+        tokio::task::spawn_local(serve(shared.clone(), stream, socket, conn));
     }
 }
 
 /// Serves one connection: reads length-prefixed queries and answers each as soon as it can
 /// (hits at once, misses when upstream answers), so answers may leave out of order (RFC 7766
 /// §6.2.1.1). Closes after `tcp_idle_timeout` with no query and nothing outstanding.
-async fn serve(shared: Rc<RefCell<Shared>>, stream: TcpStream, conn: u64) {
+async fn serve(shared: Rc<RefCell<Shared>>, stream: TcpStream, socket: u16, conn: u64) {
     let (mut reader, mut writer) = stream.into_split();
     let (frames, mut outgoing) = mpsc::unbounded_channel::<Vec<u8>>();
     let idle = {
@@ -77,7 +81,7 @@ async fn serve(shared: Rc<RefCell<Shared>>, stream: TcpStream, conn: u64) {
         }
         let now = Instant::now();
         let mut state = shared.borrow_mut();
-        let reply = state.handle_query(&message, now, Origin::Tcp { conn });
+        let reply = state.handle_query(&message, now, Origin::Tcp { socket, conn });
         // A frame too short for a header cannot be answered: close rather than guess.
         let keep_open = match reply {
             Some(reply) => frames.send(reply).is_ok(),

@@ -295,12 +295,16 @@ fn go_resolver_resolves_against_knotd() -> anyhow::Result<()> {
 fn ready_line_parses() -> anyhow::Result<()> {
     let ready = Ready::parse(
         "2024-01-01T00:00:00Z INFO ready udp=127.0.0.1:53,[::1]:53 tcp=127.0.0.1:53,[::1]:53 \
-         workers=2 io=uring metrics=127.0.0.1:9253",
+         workers=2 io=uring metrics=127.0.0.1:9253 health=127.0.0.1:8080",
     )?;
     assert_eq!(ready.udp.len(), 2);
     assert_eq!(ready.tcp[1], "[::1]:53".parse()?);
     assert_eq!(ready.workers, 2);
     assert_eq!(ready.io, "uring");
+    assert_eq!(ready.metrics, Some("127.0.0.1:9253".parse()?));
+    assert_eq!(ready.health, Some("127.0.0.1:8080".parse()?));
+    let off = Ready::parse("ready udp=127.0.0.1:53 tcp=127.0.0.1:53 io=epoll metrics=off")?;
+    assert_eq!(off.metrics, None);
     assert!(Ready::parse("ready udp= tcp=").is_err());
     Ok(())
 }

@@ -20,4 +20,6 @@ mod edns;
 mod faults;
 mod fixtures;
 mod lifecycle;
+mod node;
+mod observability;
 mod selftest;

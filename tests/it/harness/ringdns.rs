@@ -71,6 +71,14 @@ pub struct TestConfig {
     pub forward: Vec<Forward>,
     /// `log.level`.
     pub log_level: String,
+    /// `health.lameduck`, if set (`for_tests`: `"0s"`, so stopping a test's ringdns is quick).
+    pub lameduck: Option<String>,
+    /// `health.listen`, if set (default: the first listen IP, port 8080).
+    pub health_listen: Option<String>,
+    /// `metrics.listen`, if set (default `0.0.0.0:9253`; `""` = off).
+    pub metrics_listen: Option<String>,
+    /// `[node]` keys to set (key, TOML value text), e.g. `("setup_interface", "true")`.
+    pub node: Vec<(String, String)>,
 }
 
 impl TestConfig {
@@ -88,7 +96,23 @@ impl TestConfig {
             cache: Vec::new(),
             forward: Vec::new(),
             log_level: "info".into(),
+            lameduck: Some("0s".into()),
+            health_listen: None,
+            metrics_listen: None,
+            node: Vec::new(),
         }
+    }
+
+    /// Sets a `[node]` key to a TOML value text (`"true"`, `"\"1s\""`).
+    pub fn node_key(mut self, key: &str, value: &str) -> Self {
+        self.node.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Sets `health.lameduck`, e.g. `"3s"`.
+    pub fn lameduck(mut self, lameduck: &str) -> Self {
+        self.lameduck = Some(lameduck.to_owned());
+        self
     }
 
     /// Forwards `zone` to `upstream` over UDP with a 2 s timeout.
@@ -180,6 +204,24 @@ impl TestConfig {
             );
         }
         let _ = write!(text, "\n[log]\nlevel = \"{}\"\n", self.log_level);
+        if self.lameduck.is_some() || self.health_listen.is_some() {
+            text.push_str("\n[health]\n");
+            if let Some(listen) = &self.health_listen {
+                let _ = writeln!(text, "listen = {listen:?}");
+            }
+            if let Some(lameduck) = &self.lameduck {
+                let _ = writeln!(text, "lameduck = {lameduck:?}");
+            }
+        }
+        if let Some(listen) = &self.metrics_listen {
+            let _ = write!(text, "\n[metrics]\nlisten = {listen:?}\n");
+        }
+        if !self.node.is_empty() {
+            text.push_str("\n[node]\n");
+            for (key, value) in &self.node {
+                let _ = writeln!(text, "{key} = {value}");
+            }
+        }
         text
     }
 }
@@ -197,10 +239,15 @@ pub struct Ready {
     pub workers: usize,
     /// `io=`: the backend actually in use.
     pub io: String,
+    /// `metrics=`: the metrics endpoint (`None` for `off` or when absent).
+    pub metrics: Option<SocketAddr>,
+    /// `health=`: the health endpoint, if the line has one.
+    pub health: Option<SocketAddr>,
 }
 
 impl Ready {
-    /// Parses `… ready udp=A,B tcp=A,B workers=N io=uring …` (other `key=value`s ignored).
+    /// Parses `… ready udp=A,B tcp=A,B workers=N io=uring metrics=ADDR|off health=ADDR …`
+    /// (other `key=value`s ignored).
     pub fn parse(line: &str) -> anyhow::Result<Self> {
         let rest = &line[line.find("ready udp=").context("no `ready udp=`")? + "ready ".len()..];
         let mut ready = Self {
@@ -209,6 +256,8 @@ impl Ready {
             tcp: Vec::new(),
             workers: 0,
             io: String::new(),
+            metrics: None,
+            health: None,
         };
         let addrs = |value: &str| -> anyhow::Result<Vec<SocketAddr>> {
             value
@@ -225,6 +274,9 @@ impl Ready {
                 "tcp" => ready.tcp = addrs(value)?,
                 "workers" => ready.workers = value.parse().context("workers=")?,
                 "io" => ready.io = value.to_owned(),
+                "metrics" if value == "off" => ready.metrics = None,
+                "metrics" => ready.metrics = Some(value.parse().context("metrics=")?),
+                "health" => ready.health = Some(value.parse().context("health=")?),
                 _ => {}
             }
         }
@@ -311,6 +363,33 @@ impl Ringdns {
     /// The first IPv6 TCP listen address (or the first one if there is none).
     pub fn tcp6(&self) -> SocketAddr {
         pick(&self.ready.tcp, false)
+    }
+
+    /// The metrics endpoint from the ready line.
+    pub fn metrics(&self) -> anyhow::Result<SocketAddr> {
+        self.ready
+            .metrics
+            .context("ready line has no metrics= address")
+    }
+
+    /// The health endpoint from the ready line.
+    pub fn health(&self) -> anyhow::Result<SocketAddr> {
+        self.ready
+            .health
+            .context("ready line has no health= address")
+    }
+
+    /// Sends SIGTERM by PID and returns at once (for lame-duck tests; [`Ringdns::stop`] then
+    /// waits for the exit and checks it is 0).
+    pub fn sigterm(&mut self) -> anyhow::Result<()> {
+        let child = self.child.as_mut().context("ringdns already stopped")?;
+        if child.try_wait()?.is_some() {
+            bail!("ringdns already exited; stderr:\n{}", self.stderr.text());
+        }
+        // Not reaped (checked just above), so the PID is still ours.
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).context("PID fits i32")?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).context("SIGTERM")?;
+        Ok(())
     }
 
     /// Everything ringdns logged so far.
