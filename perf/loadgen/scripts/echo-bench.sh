@@ -27,24 +27,26 @@ while (($#)); do
 done
 
 port=5300
+# Scratch files go to a temp dir, not the caller's working directory.
+work="$(mktemp -d /tmp/echo-bench.XXXXXX)"
 # The echo stops by itself after 120 s even if this script dies.
 "$bin_dir/udp-echo" --listen "127.0.0.1:$port" --mode "$echo_mode" --cpu "$echo_cpu" \
-    --max-seconds 120 2>echo.err &
+    --max-seconds 120 2>"$work/echo.err" &
 echo_pid=$!
-trap 'kill "$echo_pid" 2>/dev/null || true' EXIT
-for _ in $(seq 50); do grep -q ready echo.err 2>/dev/null && break; sleep 0.05; done
+trap 'kill "$echo_pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+for _ in $(seq 50); do grep -q ready "$work/echo.err" 2>/dev/null && break; sleep 0.05; done
 
 ticks() { awk '{print $14 + $15}' "/proc/$echo_pid/stat"; }
 before=$(ticks)
-"$bin_dir/loadgen" --server "127.0.0.1:$port" --json "${args[@]}" >loadgen.json
+"$bin_dir/loadgen" --server "127.0.0.1:$port" --json "${args[@]}" >"$work/loadgen.json"
 after=$(ticks)
 kill "$echo_pid"
 wait "$echo_pid" || true
-trap - EXIT
+trap 'rm -rf "$work"' EXIT
 
 hz=$(getconf CLK_TCK)
-answered=$(sed -E 's/.*"answered":([0-9]+).*/\1/' loadgen.json)
-cat echo.err >&2
+answered=$(sed -E 's/.*"answered":([0-9]+).*/\1/' "$work/loadgen.json")
+cat "$work/echo.err" >&2
 awk -v t=$((after - before)) -v hz="$hz" -v n="$answered" -v mode="$echo_mode" \
     'BEGIN { printf "echo mode=%s cpu_s=%.2f cpu_us_per_answer=%.3f\n", mode, t / hz, n ? t / hz * 1e6 / n : 0 }'
-cat loadgen.json
+cat "$work/loadgen.json"
