@@ -22,7 +22,7 @@ use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -117,13 +117,17 @@ pub enum NotReady {
 ///
 /// Built by the control thread, shared (`Arc`) with `ringdns-http`. The flags are written by
 /// the control thread only and read by `ringdns-http`, both `Relaxed`: each is a lone flag that
-/// orders nothing else.
+/// orders nothing else. The probe target and the worker list sit behind `RwLock`s that only a
+/// reload write-locks (control thread); `ringdns-http` read-locks them per check, never the
+/// workers.
 #[derive(Debug)]
 pub struct Health {
     /// Where the synthetic query goes: the first listen address (loopback if unspecified).
-    target: SocketAddr,
-    /// Every worker's counters (for the heartbeats).
-    workers: Vec<Arc<WorkerStats>>,
+    /// Swapped by a reload that changes the first listen address (control thread writes).
+    target: RwLock<SocketAddr>,
+    /// Every worker's counters (for the heartbeats); swapped by a reload that changes the
+    /// metrics layout (write-locked by the control thread only then).
+    workers: RwLock<Vec<Arc<WorkerStats>>>,
     /// For the node integration's readiness.
     control: Arc<ControlMetrics>,
     /// Every worker reported that it serves.
@@ -140,12 +144,20 @@ impl Health {
         control: Arc<ControlMetrics>,
     ) -> Health {
         Health {
-            target: probe_target(first_listen),
-            workers,
+            target: RwLock::new(probe_target(first_listen)),
+            workers: RwLock::new(workers),
             control,
             serving: AtomicBool::new(false),
             lame_duck: AtomicBool::new(false),
         }
+    }
+
+    /// Swaps in the workers' new counters (control thread, on reload).
+    pub fn set_workers(&self, workers: Vec<Arc<WorkerStats>>) {
+        *self
+            .workers
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = workers;
     }
 
     /// Every worker serves (control thread).
@@ -160,7 +172,18 @@ impl Health {
 
     /// Where the synthetic query goes.
     pub fn target(&self) -> SocketAddr {
-        self.target
+        *self
+            .target
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Points the synthetic query at a new first listen address (control thread, on reload).
+    pub fn set_first_listen(&self, first_listen: SocketAddr) {
+        *self
+            .target
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = probe_target(first_listen);
     }
 
     /// The `/health` check: lame duck, heartbeats, then the synthetic query.
@@ -169,13 +192,18 @@ impl Health {
             return Err(Unhealthy::LameDuck);
         }
         let now = Instant::now();
-        for (worker, stats) in self.workers.iter().enumerate() {
+        let workers = self
+            .workers
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        for (worker, stats) in workers.iter().enumerate() {
             let age = stats.heartbeat_age(now);
             if age > HEARTBEAT_STALE {
                 return Err(Unhealthy::WorkerStalled { worker, age });
             }
         }
-        probe(self.target, PROBE_TIMEOUT).await
+        probe(self.target(), PROBE_TIMEOUT).await
     }
 
     /// The `/ready` check.
@@ -191,6 +219,14 @@ impl Health {
             _ => Ok(()),
         }
     }
+}
+
+/// A snapshot of what `/metrics` reads (a poisoned lock still holds valid sources).
+fn read_sources(sources: &RwLock<Sources>) -> Sources {
+    sources
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
 }
 
 /// The address to probe for listen address `listen`: itself, or loopback of its family if it
@@ -281,8 +317,9 @@ pub struct HttpServer {
 struct State {
     /// Health flags and checks.
     health: Arc<Health>,
-    /// What `/metrics` reads.
-    sources: Sources,
+    /// What `/metrics` reads; swapped by a reload that changes the metrics layout or the
+    /// upstreams (write-locked by the control thread only then; read per scrape).
+    sources: Arc<RwLock<Sources>>,
     /// Open connections.
     connections: Cell<usize>,
 }
@@ -293,7 +330,7 @@ impl HttpServer {
     pub fn spawn(
         listeners: Vec<(std::net::TcpListener, Routes)>,
         health: Arc<Health>,
-        sources: Sources,
+        sources: Arc<RwLock<Sources>>,
     ) -> io::Result<HttpServer> {
         for (listener, _) in &listeners {
             listener.set_nonblocking(true)?;
@@ -420,7 +457,8 @@ async fn respond(
         "/health" if routes.health => {
             let started = Instant::now();
             let checked = state.health.check().await;
-            state.sources.control.observe_health(started.elapsed());
+            let control = read_sources(&state.sources).control.clone();
+            control.observe_health(started.elapsed());
             match checked {
                 Ok(()) => text(StatusCode::OK, "OK".into()),
                 Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
@@ -433,7 +471,7 @@ async fn respond(
         "/metrics" if routes.metrics => {
             let mut response = text(
                 StatusCode::OK,
-                metrics::render(&state.sources, Instant::now()),
+                metrics::render(&read_sources(&state.sources), Instant::now()),
             );
             response.headers_mut().insert(
                 CONTENT_TYPE,

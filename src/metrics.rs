@@ -239,7 +239,8 @@ impl ControlMetrics {
 ///
 /// # Threads
 ///
-/// Built by the control thread at start-up, moved to `ringdns-http`; every member is an `Arc`
+/// Built by the control thread at start-up and again by a reload that changes the metrics
+/// layout or the upstreams, shared with `ringdns-http` behind an `RwLock`; every member is an `Arc`
 /// of atomics with its own single writer.
 #[derive(Debug, Clone)]
 pub struct Sources {

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(knot knot-dnsutils bind9-dnsutils golang-go iproute2 util-linux iptables nftables conntrack)
+packages=(knot knot-dnsutils bind9-dnsutils golang-go iproute2 util-linux iptables nftables conntrack dnsperf)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

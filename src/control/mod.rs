@@ -6,6 +6,8 @@
 //! (probing io_uring), bind every worker's sockets (so a bind error stops start-up with the
 //! address named), bind the health and metrics listeners, start the upstream side on
 //! `ringdns-ctl` and the HTTP side on `ringdns-http`, start the workers, log one `ready` line.
+//! Then the main thread waits for signals: SIGHUP, or a change of the config file (polled every
+//! [`WATCH_INTERVAL`] when started with `--config`), reloads ([`reload`]); SIGTERM/SIGINT stop.
 //! Shutdown: `/health` turns 503 at once; on SIGTERM the workers keep answering for
 //! `[health] lameduck` (lame duck); then tell every worker to stop, join them, stop the
 //! upstream side, stop the HTTP side.
@@ -16,10 +18,11 @@ pub mod logger;
 pub mod netlink;
 pub mod nftables;
 pub mod node;
+pub mod reload;
 pub mod rules;
 
 use std::net::{SocketAddr, TcpListener};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -36,6 +39,7 @@ use crate::worker::stats::{Layout, WorkerStats, Zones};
 use crate::worker::{self, sockets, Backend, Command, WorkerSetup};
 
 use self::node::{Node, NodeStats};
+use self::reload::{FileStamp, Live, WorkerHandle};
 
 /// Distinct misses one worker may have in flight before it answers SERVFAIL.
 const MAX_MISSES_PER_WORKER: usize = 4096;
@@ -46,6 +50,9 @@ const MAX_WAITERS_PER_MISS: usize = 1024;
 /// Margin on top of the longest zone timeout after which a worker answers a parked client
 /// itself (the control side always answers first unless it is broken).
 const MISS_DEADLINE_MARGIN: Duration = Duration::from_secs(1);
+
+/// How often the config file's mtime, length and inode are compared (with `--config`).
+const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// How long start-up waits for every worker to report that it serves.
 const WORKER_START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -71,16 +78,42 @@ impl Shutdown {
         Ok(Shutdown { signals })
     }
 
-    /// Waits for SIGTERM or SIGINT. SIGHUP is logged (live reload belongs to the control
-    /// thread's later work) and waited past.
-    fn wait(&self) -> anyhow::Result<Signal> {
-        loop {
-            let signal = self.signals.wait().context("sigwait")?;
-            if signal == Signal::SIGHUP {
-                log::warn!("SIGHUP ignored: live reload is not implemented yet; restart to apply a new configuration");
-                continue;
+    /// Starts `ringdns-signals`, which waits for the blocked signals and passes each on.
+    fn spawn(self) -> anyhow::Result<crossbeam_channel::Receiver<Signal>> {
+        let (sender, signals) = crossbeam_channel::unbounded();
+        std::thread::Builder::new()
+            .name("ringdns-signals".into())
+            .spawn(move || loop {
+                match self.signals.wait() {
+                    Ok(signal) => {
+                        if sender.send(signal).is_err() {
+                            return;
+                        }
+                    }
+                    Err(error) => {
+                        log::error!("sigwait failed: {error}");
+                        return;
+                    }
+                }
+            })
+            .context("starting ringdns-signals")?;
+        Ok(signals)
+    }
+}
+
+/// Waits for SIGTERM or SIGINT; meanwhile reloads on SIGHUP and on a change of the config file.
+fn wait_for_stop(
+    signals: &crossbeam_channel::Receiver<Signal>,
+    live: &mut Live,
+) -> anyhow::Result<Signal> {
+    loop {
+        match signals.recv_timeout(WATCH_INTERVAL) {
+            Ok(Signal::SIGHUP) => live.reload("SIGHUP"),
+            Ok(signal) => return Ok(signal),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => live.poll_file(),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                anyhow::bail!("the signal thread stopped")
             }
-            return Ok(signal);
         }
     }
 }
@@ -91,6 +124,8 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let workers = config.server.worker_count(cores.len().max(1));
     let backend = choose_backend(config.server.io)?;
     let settings = settings(&config);
+    let stamp = config.source.as_deref().and_then(FileStamp::of);
+    let signals = shutdown.spawn()?;
     // Node integration (node.rs): the interface and its addresses come before any bind, since
     // binding 169.254.20.10 needs the address. `node_stats` is for the metrics side.
     let node_stats = Arc::new(NodeStats::default());
@@ -179,12 +214,12 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         all_stats.clone(),
         control_metrics.clone(),
     ));
-    let sources = Sources {
+    let sources = Arc::new(RwLock::new(Sources {
         workers: all_stats.clone(),
         upstreams: upstream_side.metrics(),
         control: control_metrics.clone(),
-    };
-    let http = HttpServer::spawn(http_listeners.listeners, health.clone(), sources)
+    }));
+    let http = HttpServer::spawn(http_listeners.listeners, health.clone(), sources.clone())
         .context("starting ringdns-http")?;
     let mut handles = Vec::with_capacity(workers);
     for setup in setups {
@@ -208,11 +243,35 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             http_listeners.health
         )
     );
-    let signal = shutdown.wait()?;
+    let lameduck = config.health.lameduck;
+    let startup_udp_payload = config.server.udp_payload;
+    let mut live = Live {
+        config,
+        stamp,
+        workers: command_senders
+            .into_iter()
+            .map(|(commands, wake)| WorkerHandle { commands, wake })
+            .collect(),
+        layout,
+        epoch,
+        upstream: upstream_side,
+        sources,
+        health: health.clone(),
+        control: control_metrics.clone(),
+        node: Some(node_sync),
+        startup_udp_payload,
+    };
+    let waited = wait_for_stop(&signals, &mut live);
+    let Live {
+        workers: command_senders,
+        upstream: upstream_side,
+        node: node_sync,
+        ..
+    } = live;
+    let signal = waited?;
     // Lame duck: /health turns 503 at once so probes and load balancers move away, while the
     // workers keep answering for `[health] lameduck`; then they drain and stop.
     health.enter_lame_duck();
-    let lameduck = config.health.lameduck;
     if signal == Signal::SIGTERM && !lameduck.is_zero() {
         log::info!(
             "lame duck signal={signal:?} lameduck={lameduck:?}: /health is 503, still serving"
@@ -220,9 +279,9 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         std::thread::sleep(lameduck);
     }
     log::info!("stopping signal={signal:?}");
-    for (commands, wake) in &command_senders {
-        let _ = commands.send(Command::Stop);
-        let _ = wake.write(1);
+    for worker in &command_senders {
+        let _ = worker.commands.send(Command::Stop);
+        let _ = worker.wake.write(1);
     }
     for handle in handles {
         if handle.join().is_err() {
@@ -231,7 +290,7 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     }
     upstream_side.stop();
     // Node integration: rules first, then the interface; only what ringdns created.
-    if let Some(node) = node_sync.stop() {
+    if let Some(node) = node_sync.and_then(node::NodeSync::stop) {
         node.teardown();
     }
     http.stop();

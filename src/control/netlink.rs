@@ -258,6 +258,17 @@ impl LinkLocal {
         })
     }
 
+    /// Replaces the addresses [`LinkLocal::ensure`] puts on the interface (reload). Addresses
+    /// no longer listed are left on the interface until teardown, which still removes them.
+    pub fn set_addresses(&mut self, addrs: impl IntoIterator<Item = IpAddr>) {
+        self.addrs.clear();
+        for addr in addrs {
+            if !self.addrs.contains(&addr) {
+                self.addrs.push(addr);
+            }
+        }
+    }
+
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name

@@ -300,7 +300,50 @@ impl Node {
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Starts `ringdns-node`, which calls [`Node::sync`] every `sync_interval` until stopped.
+    /// Applies new listen addresses (reload): the interface gets any new listen IP now, and
+    /// the rules are replaced by the set for the new addresses: the new set is ensured, then
+    /// the old one torn down (removing rules for IPs no longer listened on), then the new one
+    /// ensured again (a rule both sets share was deleted by the teardown). No-op for the parts
+    /// not set up. Returns whether the interface has every listen IP.
+    pub fn set_listen(&mut self, config: &Config) -> bool {
+        let mut complete = true;
+        if let Some(link) = self.link.as_mut() {
+            link.set_addresses(interface_addresses(&config.server.listen));
+            if let Err(error) = link.ensure() {
+                self.stats.count_error(SetupError::of_netlink(&error));
+                log::error!("reload: adding listen addresses to the interface failed: {error}");
+                complete = false;
+            }
+        }
+        if let Some(old) = self.rules.as_mut() {
+            let set = rule_set(
+                &rule_addresses(&config.server.listen),
+                config.health.listen.port(),
+                self.config.fallback_service_chain.as_deref(),
+            );
+            let mut new = Rules::new(self.config.rules, set);
+            self.stats
+                .rules_expected
+                .store(new.expected(), Ordering::Relaxed);
+            let mut replaced = new.ensure().and_then(|_| old.teardown());
+            if replaced.is_ok() {
+                replaced = new.ensure().map(|outcome| {
+                    self.stats
+                        .rules_present
+                        .store(outcome.present, Ordering::Relaxed);
+                });
+            }
+            if let Err(error) = replaced {
+                self.stats.count_error(SetupError::of_rules(&error));
+                log::error!("reload: replacing the rules failed, retrying every sync: {error}");
+            }
+            *old = new;
+        }
+        complete
+    }
+
+    /// Starts `ringdns-node`, which calls [`Node::sync`] every `sync_interval` until stopped,
+    /// and applies listen changes sent by [`NodeSync::set_listen`].
     pub fn spawn_sync(self) -> anyhow::Result<NodeSync> {
         let (stop, stopped) = crossbeam_channel::bounded(1);
         let interval = self.config.sync_interval;
@@ -356,18 +399,44 @@ impl Node {
 /// The running `ringdns-node` thread.
 #[derive(Debug)]
 pub struct NodeSync {
-    /// Dropping or sending stops the loop.
-    stop: Sender<()>,
+    /// Dropping or sending [`NodeMessage::Stop`] stops the loop.
+    stop: Sender<NodeMessage>,
     /// Gives the [`Node`] back for teardown.
     handle: thread::JoinHandle<Node>,
 }
 
+/// A message to `ringdns-node`.
+#[derive(Debug)]
+enum NodeMessage {
+    /// Stop the loop and give the [`Node`] back.
+    Stop,
+    /// Apply new listen addresses ([`Node::set_listen`]); reply whether the interface has them.
+    Listen(Box<Config>, Sender<bool>),
+}
+
+/// Bound on `ringdns-node` applying listen changes (a sync round in progress comes first).
+const LISTEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl NodeSync {
+    /// Has `ringdns-node` apply the listen addresses of `config` ([`Node::set_listen`]) and
+    /// waits for it; `false` if the interface lacks an address or the thread did not answer.
+    pub fn set_listen(&self, config: &Config) -> bool {
+        let (done, applied) = crossbeam_channel::bounded(1);
+        if self
+            .stop
+            .send(NodeMessage::Listen(Box::new(config.clone()), done))
+            .is_err()
+        {
+            return false;
+        }
+        applied.recv_timeout(LISTEN_TIMEOUT).unwrap_or(false)
+    }
+
     /// Stops the sync loop (waiting for a round in progress) and returns the [`Node`];
     /// `None` if the thread panicked (then nothing is torn down, which fails safe: the rules
     /// are fail-open).
     pub fn stop(self) -> Option<Node> {
-        let _ = self.stop.send(());
+        let _ = self.stop.send(NodeMessage::Stop);
         match self.handle.join() {
             Ok(node) => Some(node),
             Err(_) => {
@@ -379,11 +448,23 @@ impl NodeSync {
 }
 
 /// The `ringdns-node` loop: sleep `interval` (woken early by a stop), sync, repeat.
-fn sync_loop(mut node: Node, stopped: &Receiver<()>, interval: std::time::Duration) -> Node {
+fn sync_loop(
+    mut node: Node,
+    messages: &Receiver<NodeMessage>,
+    interval: std::time::Duration,
+) -> Node {
+    let mut next = std::time::Instant::now() + interval;
     loop {
-        match stopped.recv_timeout(interval) {
-            Err(RecvTimeoutError::Timeout) => node.sync(),
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => return node,
+        let wait = next.saturating_duration_since(std::time::Instant::now());
+        match messages.recv_timeout(wait) {
+            Err(RecvTimeoutError::Timeout) => {
+                node.sync();
+                next = std::time::Instant::now() + interval;
+            }
+            Ok(NodeMessage::Listen(config, done)) => {
+                let _ = done.send(node.set_listen(&config));
+            }
+            Ok(NodeMessage::Stop) | Err(RecvTimeoutError::Disconnected) => return node,
         }
     }
 }

@@ -57,15 +57,11 @@ pub(crate) struct ForwardStats {
     pub(crate) wake_failures: u64,
 }
 
-/// Everything the control thread's forwarding side owns.
+/// Where replies go and the control-side counters. Shared (`Rc`) by a forwarder and every
+/// forwarder a reload replaces it with, so replies of requests still in flight on a replaced
+/// forwarder still wake their workers.
 #[derive(Debug)]
-pub(crate) struct Forwarder {
-    /// Zone routing.
-    router: Router,
-    /// Zones, in the router's order.
-    zones: Vec<Zone>,
-    /// Upstreams by address, shared between zones that name the same server.
-    upstreams: Vec<Rc<Upstream>>,
+pub(crate) struct Delivery {
     /// Where replies go.
     workers: Vec<WorkerLink>,
     /// Workers sent a reply since their eventfd was last written.
@@ -76,9 +72,39 @@ pub(crate) struct Forwarder {
     stats: RefCell<ForwardStats>,
 }
 
+/// Everything the control thread's forwarding side owns for one configuration.
+#[derive(Debug)]
+pub(crate) struct Forwarder {
+    /// Zone routing.
+    router: Router,
+    /// Zones, in the router's order.
+    zones: Vec<Zone>,
+    /// Upstreams by address, shared between zones that name the same server.
+    upstreams: Vec<Rc<Upstream>>,
+    /// Reply delivery, shared across reloads.
+    pub(crate) delivery: Rc<Delivery>,
+}
+
 impl Forwarder {
     /// Sets up zones and upstreams; opens no sockets (they open on first use).
     pub(crate) fn new(zones: Vec<ForwardZone>, udp_payload: u16, workers: Vec<WorkerLink>) -> Self {
+        let delivery = Rc::new(Delivery {
+            needs_wake: RefCell::new(vec![false; workers.len()]),
+            workers,
+            wake_pending: Notify::new(),
+            stats: RefCell::new(ForwardStats::default()),
+        });
+        Self::with_delivery(zones, udp_payload, delivery)
+    }
+
+    /// A forwarder for a reloaded configuration that replaces `self` for new requests; it
+    /// delivers through the same channels and counts into the same counters.
+    pub(crate) fn replacement(&self, zones: Vec<ForwardZone>, udp_payload: u16) -> Self {
+        Self::with_delivery(zones, udp_payload, Rc::clone(&self.delivery))
+    }
+
+    /// Sets up zones and upstreams around `delivery`; opens no sockets.
+    fn with_delivery(zones: Vec<ForwardZone>, udp_payload: u16, delivery: Rc<Delivery>) -> Self {
         let router = Router::new(zones.iter().map(|zone| zone.zone.as_str()));
         let mut by_addr: HashMap<SocketAddr, Rc<Upstream>> = HashMap::new();
         let mut upstreams = Vec::new();
@@ -105,25 +131,21 @@ impl Forwarder {
                 }
             })
             .collect();
-        let needs_wake = RefCell::new(vec![false; workers.len()]);
         Self {
             router,
             zones,
             upstreams,
-            workers,
-            needs_wake,
-            wake_pending: Notify::new(),
-            stats: RefCell::new(ForwardStats::default()),
+            delivery,
         }
     }
 
     /// Answers `request` and delivers the reply; the reply's eventfd write happens in
     /// [`Forwarder::wake_workers`], batched per loop iteration.
     pub(crate) async fn serve(self: Rc<Self>, request: Request) {
-        self.stats.borrow_mut().requests += 1;
+        self.delivery.stats.borrow_mut().requests += 1;
         let outcome = self.resolve(&request.query).await;
         if let Outcome::Failed(failure) = outcome {
-            let mut stats = self.stats.borrow_mut();
+            let mut stats = self.delivery.stats.borrow_mut();
             match failure {
                 Failure::Timeout => stats.timeouts += 1,
                 Failure::NoZone => stats.no_zone += 1,
@@ -141,13 +163,13 @@ impl Forwarder {
 
     /// Writes 1 to the eventfd of every worker that got replies since the last call.
     pub(crate) fn wake_workers(&self) {
-        let mut needs_wake = self.needs_wake.borrow_mut();
-        for (link, pending) in self.workers.iter().zip(needs_wake.iter_mut()) {
+        let mut needs_wake = self.delivery.needs_wake.borrow_mut();
+        for (link, pending) in self.delivery.workers.iter().zip(needs_wake.iter_mut()) {
             if std::mem::take(pending) {
                 // EAGAIN only if the counter is near u64::MAX, i.e. the worker already has an
                 // unread wake-up; any other error leaves nothing better to do than count it.
                 if link.wake.write(1).is_err() {
-                    self.stats.borrow_mut().wake_failures += 1;
+                    self.delivery.stats.borrow_mut().wake_failures += 1;
                 }
             }
         }
@@ -155,7 +177,7 @@ impl Forwarder {
 
     /// A snapshot of the control-side counters.
     pub(crate) fn stats(&self) -> ForwardStats {
-        *self.stats.borrow()
+        *self.delivery.stats.borrow()
     }
 
     /// Each upstream's metrics, in config order.
@@ -185,18 +207,18 @@ impl Forwarder {
 
     /// Sends `reply` to its worker and marks that worker for a wake-up.
     fn deliver(&self, worker: usize, reply: Reply) {
-        let Some(link) = self.workers.get(worker) else {
-            self.stats.borrow_mut().undeliverable += 1;
+        let Some(link) = self.delivery.workers.get(worker) else {
+            self.delivery.stats.borrow_mut().undeliverable += 1;
             return;
         };
         if link.replies.send(reply).is_err() {
-            self.stats.borrow_mut().undeliverable += 1;
+            self.delivery.stats.borrow_mut().undeliverable += 1;
             return;
         }
-        if let Some(pending) = self.needs_wake.borrow_mut().get_mut(worker) {
+        if let Some(pending) = self.delivery.needs_wake.borrow_mut().get_mut(worker) {
             *pending = true;
         }
-        self.wake_pending.notify_one();
+        self.delivery.wake_pending.notify_one();
     }
 
     /// Routes and forwards one wire query.

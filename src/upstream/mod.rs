@@ -321,6 +321,33 @@ pub struct UpstreamSide {
     stop: oneshot::Sender<()>,
     /// Each upstream address's series, in config order.
     metrics: Vec<Arc<UpstreamMetrics>>,
+    /// Reloaded forward configurations, to `ringdns-ctl` (tokio's channel wakes its runtime).
+    reconfigure: tokio::sync::mpsc::UnboundedSender<Reconfigure>,
+}
+
+/// A reloaded forward configuration on its way to `ringdns-ctl`.
+#[derive(Debug)]
+struct Reconfigure {
+    /// The new `[[forward]]` zones.
+    zones: Vec<ForwardZone>,
+    /// `server.udp_payload`.
+    udp_payload: u16,
+    /// Told the new forwarder's upstream series once it is in place.
+    done: std::sync::mpsc::SyncSender<Vec<Arc<UpstreamMetrics>>>,
+}
+
+/// Bound on `ringdns-ctl` swapping in a reloaded forwarder (it only builds a value).
+const RECONFIGURE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why [`UpstreamSide::reconfigure`] did not apply.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconfigureError {
+    /// `ringdns-ctl` is gone or did not answer in time; the old forwarder (if any) stays.
+    #[error("the upstream side did not take the new configuration within {after:?}")]
+    NotTaken {
+        /// The time allowed.
+        after: Duration,
+    },
 }
 
 impl UpstreamSide {
@@ -334,6 +361,7 @@ impl UpstreamSide {
         wake: Arc<EventFd>,
     ) -> io::Result<UpstreamSide> {
         let (stop, stopped) = oneshot::channel();
+        let (reconfigure, reconfigured) = tokio::sync::mpsc::unbounded_channel();
         let (ready, started) =
             std::sync::mpsc::sync_channel::<io::Result<Vec<Arc<UpstreamMetrics>>>>(1);
         let thread = std::thread::Builder::new()
@@ -363,7 +391,7 @@ impl UpstreamSide {
                     };
                     let forwarder = Rc::new(Forwarder::new(zones, udp_payload, workers));
                     let _ = ready.send(Ok(forwarder.metrics()));
-                    run(&forwarder, &requests, &wake, stopped).await;
+                    let forwarder = run(forwarder, &requests, &wake, stopped, reconfigured).await;
                     forwarder.wake_workers();
                     report(&forwarder);
                 });
@@ -373,6 +401,7 @@ impl UpstreamSide {
                 thread,
                 stop,
                 metrics,
+                reconfigure,
             }),
             Ok(Err(error)) => {
                 let _ = thread.join();
@@ -388,6 +417,35 @@ impl UpstreamSide {
     /// Each upstream address's series (for the metrics endpoint), in config order.
     pub fn metrics(&self) -> Vec<Arc<UpstreamMetrics>> {
         self.metrics.clone()
+    }
+
+    /// Swaps in a forwarder for `zones` (reload): new requests use it, requests in flight finish
+    /// on the old one (their tasks hold it). Waits until it is in place; [`UpstreamSide::metrics`]
+    /// then lists the new upstreams.
+    pub fn reconfigure(
+        &mut self,
+        zones: Vec<ForwardZone>,
+        udp_payload: u16,
+    ) -> Result<(), ReconfigureError> {
+        let (done, taken) = std::sync::mpsc::sync_channel(1);
+        let not_taken = ReconfigureError::NotTaken {
+            after: RECONFIGURE_TIMEOUT,
+        };
+        let message = Reconfigure {
+            zones,
+            udp_payload,
+            done,
+        };
+        if self.reconfigure.send(message).is_err() {
+            return Err(not_taken);
+        }
+        match taken.recv_timeout(RECONFIGURE_TIMEOUT) {
+            Ok(metrics) => {
+                self.metrics = metrics;
+                Ok(())
+            }
+            Err(_) => Err(not_taken),
+        }
     }
 
     /// Stops accepting work, answers nothing more, joins the thread. Requests in flight get no
@@ -413,15 +471,19 @@ enum Wake {
     Broken(io::Error),
     /// Time to publish gauges into [`UpstreamMetrics`].
     Publish,
+    /// A reloaded configuration to swap in.
+    Reconfigure(Reconfigure),
 }
 
-/// The control loop: wait for the eventfd, drain requests, flush worker wake-ups, until stop.
+/// The control loop: wait for the eventfd, drain requests, flush worker wake-ups, swap in
+/// reloaded forwarders, until stop; returns the forwarder in use at the end.
 async fn run(
-    forwarder: &Rc<Forwarder>,
+    mut forwarder: Rc<Forwarder>,
     requests: &crossbeam_channel::Receiver<Request>,
     wake: &AsyncFd<crate::worker::ring::WakeFd>,
     mut stopped: oneshot::Receiver<()>,
-) {
+    mut reconfigured: tokio::sync::mpsc::UnboundedReceiver<Reconfigure>,
+) -> Rc<Forwarder> {
     // Drain once at start: requests may predate the eventfd registration.
     let mut backlog = true;
     let mut broken = false;
@@ -435,7 +497,8 @@ async fn run(
         let wake_up = tokio::select! {
             biased;
             _ = &mut stopped => Wake::Stop,
-            () = forwarder.wake_pending.notified() => Wake::Replies,
+            () = forwarder.delivery.wake_pending.notified() => Wake::Replies,
+            Some(reconfigure) = reconfigured.recv() => Wake::Reconfigure(reconfigure),
             () = tokio::task::yield_now(), if backlog => Wake::Requests,
             () = tokio::time::sleep(FALLBACK_POLL), if broken => Wake::Requests,
             ready = wake.readable(), if !broken => match ready {
@@ -455,15 +518,28 @@ async fn run(
         match wake_up {
             Wake::Stop => break,
             Wake::Replies => forwarder.wake_workers(),
-            Wake::Requests => backlog = drain(forwarder, requests),
+            Wake::Requests => backlog = drain(&forwarder, requests),
             Wake::Publish => forwarder.publish(),
+            Wake::Reconfigure(Reconfigure {
+                zones,
+                udp_payload,
+                done,
+            }) => {
+                forwarder = Rc::new(forwarder.replacement(zones, udp_payload));
+                log::debug!(
+                    "upstream side reconfigured upstreams={}",
+                    forwarder.upstream_stats().len()
+                );
+                let _ = done.send(forwarder.metrics());
+            }
             Wake::Broken(cause) => {
                 error!("control eventfd failed, polling every {FALLBACK_POLL:?} error=\"{cause}\"");
                 broken = true;
-                backlog = drain(forwarder, requests);
+                backlog = drain(&forwarder, requests);
             }
         }
     }
+    forwarder
 }
 
 /// Spawns a task per waiting request, at most [`DRAIN_BATCH`]; returns whether more may wait.
@@ -648,6 +724,44 @@ mod tests {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
         let addr = socket.local_addr().expect("local addr");
         (socket, addr)
+    }
+
+    #[test]
+    fn reconfigure_serves_new_requests_and_lets_old_ones_finish() {
+        let (_hole, hole) = black_hole();
+        let responder = Responder::start(UdpMode::Answer, TcpMode::Answer);
+        let mut harness = Harness::start(vec![zone(
+            ".",
+            &[hole],
+            Transport::Udp,
+            Duration::from_millis(500),
+        )]);
+        // In flight on the old forwarder: its only upstream never answers.
+        harness.send(1, query("old.example.com."));
+        std::thread::sleep(Duration::from_millis(50));
+        let side = harness.side.as_mut().expect("running");
+        side.reconfigure(
+            vec![zone(
+                ".",
+                &[responder.addr()],
+                Transport::Udp,
+                Duration::from_secs(2),
+            )],
+            1232,
+        )
+        .expect("reconfigured");
+        let listed: Vec<SocketAddr> = side.metrics().iter().map(|m| m.addr()).collect();
+        assert_eq!(listed, vec![responder.addr()]);
+        harness.send(2, query("new.example.com."));
+        let mut replies = harness.collect(2);
+        replies.sort_by_key(|reply| reply.token);
+        assert_eq!(replies.len(), 2, "both requests answered exactly once");
+        assert!(matches!(
+            replies[0].outcome,
+            Outcome::Failed(Failure::Timeout)
+        ));
+        assert_genuine(answer_of(&replies[1]), "new.example.com.");
+        assert_eq!(responder.udp_queries(), 1);
     }
 
     #[test]

@@ -307,6 +307,13 @@ impl Handler {
         self.shard.set_limits(settings.limits);
     }
 
+    /// Swaps in new counters (reload with a new metrics layout); zones are matched through
+    /// their layout from now on. Misses already parked keep their old label indices.
+    pub fn set_stats(&mut self, stats: Arc<WorkerStats>) {
+        self.stats = stats;
+        self.stats.set_cache_entries(self.shard.len());
+    }
+
     /// Turns a rejected query into an error reply or a drop.
     fn reject(&mut self, bytes: &[u8], rejection: Rejection, out: &mut [u8]) -> Action {
         let counter = match rejection {

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::eventfd::EventFd;
 use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
 
 use crate::upstream::{ControlLink, Reply};
 
@@ -82,8 +83,27 @@ impl Backend {
 pub enum Command {
     /// New settings (reload): swapped in between datagrams.
     Settings(Settings),
+    /// A reload with more than handler settings in it: swapped in between datagrams.
+    Reload(Box<Reload>),
     /// Stop serving and exit the thread.
     Stop,
+}
+
+/// One worker's share of a reload, built by the control side.
+#[derive(Debug)]
+pub struct Reload {
+    /// DNS settings (cache limits, payload size, miss deadline).
+    pub settings: Settings,
+    /// TCP idle timeout.
+    pub tcp_idle_timeout: Duration,
+    /// TCP connection cap for this worker.
+    pub max_tcp_connections: usize,
+    /// New counters laid out for new listen addresses or zones (`None`: keep the current ones).
+    pub stats: Option<Arc<WorkerStats>>,
+    /// Listen addresses added: their stable socket index, UDP socket and TCP listener.
+    pub add: Vec<(u16, UdpSocket, TcpListener)>,
+    /// Socket indices of listen addresses removed.
+    pub remove: Vec<u16>,
 }
 
 /// Everything one worker needs, built by the control side before the thread starts.
@@ -160,6 +180,11 @@ pub(crate) struct Shared {
     out: Box<[u8]>,
     /// Counters.
     stats: Arc<WorkerStats>,
+    /// Per socket index: the epoll backend's UDP receive loop (aborted when the address is
+    /// removed by a reload).
+    udp_tasks: Vec<Option<AbortHandle>>,
+    /// Per socket index: the TCP accept loop (aborted when the address is removed).
+    tcp_tasks: Vec<Option<AbortHandle>>,
     /// To the control side (its eventfd).
     control_wake: Arc<EventFd>,
     /// A clone of this worker's reply channel, so the ring loop can see that replies wait.
@@ -313,34 +338,132 @@ async fn serve(setup: WorkerSetup) -> io::Result<()> {
         tcp_idle_timeout,
         out: vec![0u8; TCP_MESSAGE_MAX].into_boxed_slice(),
         stats,
+        udp_tasks: Vec::new(),
+        tcp_tasks: Vec::new(),
         control_wake: control.wake.clone(),
         replies: replies.clone(),
     }));
-    let ring_events = match &shared.borrow().udp {
-        Udp::Epoll(epoll) => {
-            for (socket_index, socket) in epoll.sockets().iter().enumerate() {
-                let socket_index =
-                    u16::try_from(socket_index).expect("listen addresses are far fewer than 65536");
-                tokio::task::spawn_local(udp::receive_loop(
-                    shared.clone(),
-                    socket.clone(),
-                    socket_index,
-                ));
-            }
-            None
-        }
-        Udp::Uring(ring) => Some(ring.events()),
+    let (ring_events, epoll_sockets) = match &shared.borrow().udp {
+        Udp::Epoll(epoll) => (None, epoll.sockets().to_vec()),
+        Udp::Uring(ring) => (Some(ring.events()), Vec::new()),
     };
+    for (socket_index, socket) in epoll_sockets.into_iter().enumerate() {
+        let socket_index =
+            u16::try_from(socket_index).expect("listen addresses are far fewer than 65536");
+        if let Some(socket) = socket {
+            spawn_receive_loop(&shared, socket, socket_index);
+        }
+    }
     if let Some(events) = ring_events {
         tokio::task::spawn_local(ring_loop(shared.clone(), ring::async_eventfd(events)?));
     }
-    for listener in listeners {
-        tokio::task::spawn_local(tcp::accept_loop(shared.clone(), listener));
+    for (socket_index, listener) in listeners.into_iter().enumerate() {
+        let socket_index =
+            u16::try_from(socket_index).expect("listen addresses are far fewer than 65536");
+        spawn_accept_loop(&shared, listener, socket_index);
     }
     tokio::task::spawn_local(tick(shared.clone()));
-    let control = control_loop(shared, wake, replies, commands);
+    let control = control_loop(shared, wake, replies, commands, index);
     let _ = ready.send(Ok(in_use));
     control.await
+}
+
+/// Spawns the epoll receive loop of socket `index` and keeps its abort handle.
+fn spawn_receive_loop(shared: &Rc<RefCell<Shared>>, socket: Rc<tokio::net::UdpSocket>, index: u16) {
+    let task = tokio::task::spawn_local(udp::receive_loop(shared.clone(), socket, index));
+    put_task(
+        &mut shared.borrow_mut().udp_tasks,
+        index,
+        task.abort_handle(),
+    );
+}
+
+/// Spawns the TCP accept loop of socket `index` and keeps its abort handle.
+fn spawn_accept_loop(shared: &Rc<RefCell<Shared>>, listener: tokio::net::TcpListener, index: u16) {
+    let task = tokio::task::spawn_local(tcp::accept_loop(shared.clone(), listener, index));
+    put_task(
+        &mut shared.borrow_mut().tcp_tasks,
+        index,
+        task.abort_handle(),
+    );
+}
+
+/// Stores `task` at `index`, aborting any task that was there.
+fn put_task(tasks: &mut Vec<Option<AbortHandle>>, index: u16, task: AbortHandle) {
+    let index = usize::from(index);
+    if tasks.len() <= index {
+        tasks.resize_with(index + 1, || None);
+    }
+    if let Some(old) = tasks[index].replace(task) {
+        old.abort();
+    }
+}
+
+/// Aborts the task at `index`, if any.
+fn abort_task(tasks: &mut [Option<AbortHandle>], index: u16) {
+    if let Some(task) = tasks.get_mut(usize::from(index)).and_then(Option::take) {
+        task.abort();
+    }
+}
+
+/// Applies one worker's share of a reload: settings, TCP limits, counters, then listen
+/// addresses removed (their receive stops, their sockets close) and added (receives start).
+fn apply_reload(shared: &Rc<RefCell<Shared>>, reload: Reload, index: usize) {
+    let Reload {
+        settings,
+        tcp_idle_timeout,
+        max_tcp_connections,
+        stats,
+        add,
+        remove,
+    } = reload;
+    let mut added_epoll = Vec::new();
+    let mut added_tcp = Vec::new();
+    {
+        let mut state = shared.borrow_mut();
+        state.handler.set_settings(settings);
+        state.tcp_idle_timeout = tcp_idle_timeout;
+        state.max_tcp_connections = max_tcp_connections;
+        if let Some(stats) = stats {
+            stats.beat(Instant::now());
+            state.handler.set_stats(stats.clone());
+            state.stats = stats;
+        }
+        for socket in remove {
+            abort_task(&mut state.udp_tasks, socket);
+            abort_task(&mut state.tcp_tasks, socket);
+            match &mut state.udp {
+                Udp::Epoll(epoll) => epoll.remove(socket),
+                Udp::Uring(ring) => ring.remove_socket(socket),
+            }
+        }
+        for (socket, udp, tcp) in add {
+            let added = match &mut state.udp {
+                Udp::Epoll(epoll) => epoll
+                    .add(socket, udp)
+                    .map(|udp| added_epoll.push((socket, udp))),
+                Udp::Uring(ring) => ring.add_socket(socket, udp),
+            };
+            if let Err(error) = added {
+                log::error!(
+                    "adding a listen socket failed worker={index} socket={socket} error={error}"
+                );
+                continue;
+            }
+            match tokio::net::TcpListener::from_std(tcp) {
+                Ok(listener) => added_tcp.push((socket, listener)),
+                Err(error) => log::error!(
+                    "adding a TCP listener failed worker={index} socket={socket} error={error}"
+                ),
+            }
+        }
+    }
+    for (socket, udp) in added_epoll {
+        spawn_receive_loop(shared, udp, socket);
+    }
+    for (socket, listener) in added_tcp {
+        spawn_accept_loop(shared, listener, socket);
+    }
 }
 
 /// Sets up the UDP side on `backend`. If io_uring fails here although the start-up probe
@@ -380,6 +503,7 @@ async fn control_loop(
     wake: Arc<EventFd>,
     replies: crossbeam_channel::Receiver<Reply>,
     commands: crossbeam_channel::Receiver<Command>,
+    index: usize,
 ) -> io::Result<()> {
     let wake = ring::async_eventfd(wake)?;
     loop {
@@ -392,14 +516,17 @@ async fn control_loop(
             }
         }
         let now = Instant::now();
-        let mut state = shared.borrow_mut();
-        while let Ok(reply) = replies.try_recv() {
-            state.deliver(reply, now);
+        {
+            let mut state = shared.borrow_mut();
+            while let Ok(reply) = replies.try_recv() {
+                state.deliver(reply, now);
+            }
+            state.flush_wake();
         }
-        state.flush_wake();
         while let Ok(command) = commands.try_recv() {
             match command {
-                Command::Settings(settings) => state.handler.set_settings(settings),
+                Command::Settings(settings) => shared.borrow_mut().handler.set_settings(settings),
+                Command::Reload(reload) => apply_reload(&shared, *reload, index),
                 Command::Stop => return Ok(()),
             }
         }

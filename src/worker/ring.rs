@@ -35,8 +35,12 @@ const BUF_GROUP: u16 = 0;
 /// `user_data` bit marking a SendMsg completion (else: a receive on socket `user_data`).
 const SEND_TAG: u64 = 1 << 63;
 
-/// `user_data` of the cancel-all request sent on drop.
+/// `user_data` bit of a cancel request (the cancel-all sent on drop, or a removed socket's).
 const CANCEL_TAG: u64 = 1 << 62;
+
+/// A receive's `user_data`: the socket index in the low 16 bits, its generation above, so a
+/// late completion of a removed socket's receive is never taken for its successor's.
+const GENERATION_SHIFT: u32 = 16;
 
 /// How long `Drop` waits for cancelled operations to complete, in total.
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
@@ -53,8 +57,12 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 pub struct RingUdp {
     /// The ring (single issuer: only this worker thread submits).
     ring: IoUring,
-    /// One socket per listen address; index = `Origin::Udp::socket`.
-    sockets: Vec<UdpSocket>,
+    /// One socket per listen address; index = `Origin::Udp::socket`. Indices are stable and
+    /// append-only across reloads: a removed address leaves a `None` tombstone, so parked
+    /// misses naming a socket index stay valid.
+    sockets: Vec<Option<UdpSocket>>,
+    /// Per socket index: bumped when a socket is removed, carried in receive `user_data`.
+    generations: Vec<u32>,
     /// Template for multishot RecvMsg: only name and control lengths matter.
     recv_msghdr: Box<libc::msghdr>,
     /// Provided receive buffers.
@@ -115,10 +123,13 @@ impl RingUdp {
         let mut recv_msghdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         recv_msghdr.msg_namelen = ADDR_LEN as libc::socklen_t;
         let armed = vec![false; sockets.len()];
+        let generations = vec![0; sockets.len()];
+        let sockets = sockets.into_iter().map(Some).collect();
         let min_wait = ring.params().is_feature_min_timeout();
         let mut udp = RingUdp {
             ring,
             sockets,
+            generations,
             recv_msghdr,
             bufs,
             slots: SendSlots::new(SEND_SLOTS, slot_len),
@@ -145,7 +156,7 @@ impl RingUdp {
         for _ in 0..2 {
             // SAFETY: every SQE built here references only memory owned by `self` that stays
             // valid until its CQE is reaped (see the type's docs): the recv msghdr and buffer
-            // ring for receives, an in-flight send slot for sends.
+            // ring for receives, an in-flight send slot for sends; a cancel references none.
             if unsafe { self.ring.submission().push(entry) }.is_ok() {
                 self.unsubmitted = true;
                 return Ok(());
@@ -172,16 +183,64 @@ impl RingUdp {
         self.unsubmitted = false;
     }
 
-    /// Arms a multishot RecvMsg on every socket that has none.
+    /// Adds `socket` at index `index` (reload: a new listen address); its receive is armed on
+    /// the next poll (or now, by the caller's `poll`).
+    pub fn add_socket(&mut self, index: u16, socket: UdpSocket) -> io::Result<()> {
+        let index = usize::from(index);
+        if self.sockets.len() <= index {
+            self.sockets.resize_with(index + 1, || None);
+            self.armed.resize(index + 1, false);
+            self.generations.resize(index + 1, 0);
+        }
+        self.sockets[index] = Some(socket);
+        self.armed[index] = false;
+        self.arm_receives()?;
+        self.flush();
+        Ok(())
+    }
+
+    /// Removes the socket at `index` (reload: a listen address went away): cancels its
+    /// multishot receive, then closes it. io_uring holds its own file reference for operations
+    /// in flight, so closing after submitting the cancel is safe; the receive's final CQE
+    /// arrives with -ECANCELED and is told apart by its generation.
+    pub fn remove_socket(&mut self, index: u16) {
+        let index = usize::from(index);
+        let Some(socket) = self.sockets.get_mut(index).and_then(Option::take) else {
+            return;
+        };
+        if self.armed[index] {
+            let cancel = opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(socket.as_raw_fd())).all())
+                .build()
+                .user_data(CANCEL_TAG | index as u64);
+            if self.push(&cancel).is_ok() {
+                self.in_flight += 1;
+            }
+            self.flush();
+        }
+        self.armed[index] = false;
+        self.generations[index] = self.generations[index].wrapping_add(1);
+        drop(socket);
+    }
+
+    /// The receive `user_data` of socket `index` in its current generation.
+    fn receive_tag(&self, index: usize) -> u64 {
+        let generation = u64::from(self.generations[index]) & 0xffff_ffff;
+        (generation << GENERATION_SHIFT) | index as u64
+    }
+
+    /// Arms a multishot RecvMsg on every socket that has none (tombstones skipped).
     fn arm_receives(&mut self) -> io::Result<()> {
         for index in 0..self.sockets.len() {
             if self.armed[index] {
                 continue;
             }
-            let fd = Fd(self.sockets[index].as_raw_fd());
+            let Some(socket) = &self.sockets[index] else {
+                continue;
+            };
+            let fd = Fd(socket.as_raw_fd());
             let entry = opcode::RecvMsgMulti::new(fd, &*self.recv_msghdr, BUF_GROUP)
                 .build()
-                .user_data(index as u64);
+                .user_data(self.receive_tag(index));
             self.push(&entry)?;
             self.armed[index] = true;
             self.in_flight += 1;
@@ -195,7 +254,11 @@ impl RingUdp {
             return false;
         };
         let buffer = self.slots.buffer(slot);
-        if bytes.len() > buffer.len() || usize::from(socket) >= self.sockets.len() {
+        let open = self
+            .sockets
+            .get(usize::from(socket))
+            .is_some_and(Option::is_some);
+        if bytes.len() > buffer.len() || !open {
             self.slots.release(slot);
             return false;
         }
@@ -203,10 +266,15 @@ impl RingUdp {
         self.submit_slot(socket, slot, bytes.len(), peer)
     }
 
-    /// Sends the first `len` bytes of `slot` to `peer`; the slot is released on failure.
+    /// Sends the first `len` bytes of `slot` to `peer`; the slot is released on failure
+    /// (also when socket `socket` was removed).
     fn submit_slot(&mut self, socket: u16, slot: u16, len: usize, peer: SocketAddr) -> bool {
+        let Some(Some(udp)) = self.sockets.get(usize::from(socket)) else {
+            self.slots.release(slot);
+            return false;
+        };
+        let fd = Fd(udp.as_raw_fd());
         let msghdr = self.slots.prepare(slot, len, peer);
-        let fd = Fd(self.sockets[usize::from(socket)].as_raw_fd());
         let entry = opcode::SendMsg::new(fd, msghdr)
             .build()
             .user_data(SEND_TAG | u64::from(slot));
@@ -292,16 +360,26 @@ impl RingUdp {
             self.in_flight -= 1;
             return;
         }
-        let socket = user_data as usize;
+        let socket = (user_data & 0xffff) as usize;
+        let current = self.generations.get(socket).is_some_and(|&generation| {
+            u64::from(generation) == (user_data >> GENERATION_SHIFT) & 0xffff_ffff
+        });
         if !cqueue::more(cqe.flags()) {
             self.in_flight -= 1;
-            if let Some(armed) = self.armed.get_mut(socket) {
-                *armed = false;
+            if current {
+                if let Some(armed) = self.armed.get_mut(socket) {
+                    *armed = false;
+                }
             }
         }
         let Some(bid) = cqueue::buffer_select(cqe.flags()) else {
             return;
         };
+        // A datagram that raced a removed socket's cancel has nowhere to be answered from.
+        if !current {
+            self.bufs.recycle(bid);
+            return;
+        }
         if let Ok(len) = usize::try_from(cqe.result()) {
             self.answer(socket, bid, len, handler, stats, now);
         }

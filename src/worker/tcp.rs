@@ -18,11 +18,11 @@ use super::Shared;
 
 /// Accepts connections on `listener` until the worker stops; over the cap, a new connection
 /// is closed at once (the client retries elsewhere or later).
-pub(super) async fn accept_loop(shared: Rc<RefCell<Shared>>, listener: TcpListener) {
-    // The listen address's index, as UDP sockets carry theirs (metrics label `server`).
-    let socket = listener
-        .local_addr()
-        .map_or(0, |addr| shared.borrow().stats.layout().socket_of(addr));
+///
+/// `socket` is the listen address's index, as UDP sockets carry theirs (metrics label
+/// `server`). A reload that removes the address aborts this task, closing the listener;
+/// connections already open live on until idle.
+pub(super) async fn accept_loop(shared: Rc<RefCell<Shared>>, listener: TcpListener, socket: u16) {
     loop {
         let Ok((stream, _peer)) = listener.accept().await else {
             // EMFILE and friends: back off briefly instead of spinning.

@@ -25,8 +25,9 @@ pub const QUERY_MAX: usize = 4096;
 /// The epoll backend's UDP sockets, one per listen address.
 #[derive(Debug)]
 pub struct EpollUdp {
-    /// Indexed by `Origin::Udp::socket`.
-    sockets: Vec<Rc<UdpSocket>>,
+    /// Indexed by `Origin::Udp::socket`; stable and append-only across reloads (a removed
+    /// address leaves a `None` tombstone so parked misses naming an index stay valid).
+    sockets: Vec<Option<Rc<UdpSocket>>>,
 }
 
 impl EpollUdp {
@@ -34,20 +35,39 @@ impl EpollUdp {
     pub fn new(sockets: Vec<std::net::UdpSocket>) -> io::Result<EpollUdp> {
         let sockets = sockets
             .into_iter()
-            .map(|socket| UdpSocket::from_std(socket).map(Rc::new))
+            .map(|socket| UdpSocket::from_std(socket).map(|udp| Some(Rc::new(udp))))
             .collect::<io::Result<_>>()?;
         Ok(EpollUdp { sockets })
     }
 
-    /// The sockets, for spawning one receive loop each.
-    pub fn sockets(&self) -> &[Rc<UdpSocket>] {
+    /// The sockets (tombstones included), for spawning one receive loop each.
+    pub fn sockets(&self) -> &[Option<Rc<UdpSocket>>] {
         &self.sockets
+    }
+
+    /// Adds `socket` at `index` (reload); returns it for its receive loop.
+    pub fn add(&mut self, index: u16, socket: std::net::UdpSocket) -> io::Result<Rc<UdpSocket>> {
+        let socket = Rc::new(UdpSocket::from_std(socket)?);
+        let index = usize::from(index);
+        if self.sockets.len() <= index {
+            self.sockets.resize_with(index + 1, || None);
+        }
+        self.sockets[index] = Some(socket.clone());
+        Ok(socket)
+    }
+
+    /// Drops the socket at `index` (reload); it closes once its aborted receive loop is gone.
+    pub fn remove(&mut self, index: u16) {
+        if let Some(slot) = self.sockets.get_mut(usize::from(index)) {
+            *slot = None;
+        }
     }
 
     /// Sends `bytes` to `peer` from socket `socket` without waiting; `false` if it could not.
     pub fn send(&self, socket: u16, peer: SocketAddr, bytes: &[u8]) -> bool {
         self.sockets
             .get(usize::from(socket))
+            .and_then(Option::as_ref)
             .is_some_and(|udp| udp.try_send_to(bytes, peer).is_ok())
     }
 }

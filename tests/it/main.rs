@@ -22,4 +22,5 @@ mod fixtures;
 mod lifecycle;
 mod node;
 mod observability;
+mod reload;
 mod selftest;

@@ -392,6 +392,37 @@ impl Ringdns {
         Ok(())
     }
 
+    /// Sends SIGHUP by PID (reload) and returns at once.
+    pub fn sighup(&mut self) -> anyhow::Result<()> {
+        let child = self.child.as_mut().context("ringdns already stopped")?;
+        if child.try_wait()?.is_some() {
+            bail!("ringdns already exited; stderr:\n{}", self.stderr.text());
+        }
+        // Not reaped (checked just above), so the PID is still ours.
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).context("PID fits i32")?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).context("SIGHUP")?;
+        Ok(())
+    }
+
+    /// The config file ringdns was started with.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("ringdns.toml")
+    }
+
+    /// Replaces the config file with `text` in one step (write a sibling, rename over it), so
+    /// ringdns' file watch never reads a half-written file.
+    pub fn rewrite_config_text(&self, text: &str) -> anyhow::Result<()> {
+        let staged = self.dir.path().join("ringdns.toml.new");
+        std::fs::write(&staged, text).with_context(|| format!("writing {}", staged.display()))?;
+        std::fs::rename(&staged, self.config_path()).context("renaming the new config")?;
+        Ok(())
+    }
+
+    /// Replaces the config file with `config` (see [`Ringdns::rewrite_config_text`]).
+    pub fn rewrite_config(&self, config: &TestConfig) -> anyhow::Result<()> {
+        self.rewrite_config_text(&config.to_toml())
+    }
+
     /// Everything ringdns logged so far.
     pub fn stderr(&self) -> String {
         self.stderr.text()
