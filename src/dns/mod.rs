@@ -11,7 +11,8 @@
 pub mod wire;
 
 use domain::base::iana::{Opcode, Rcode};
-use domain::base::{Header, HeaderCounts, Message};
+use domain::base::{Header, HeaderCounts, Message, ParsedName};
+use domain::rdata::AllRecordData;
 
 use wire::{HEADER_LEN, NAME_MAX, TYPE_OPT, TYPE_SOA};
 
@@ -26,6 +27,9 @@ const BADVERS_UPPER: u8 = 1;
 
 /// Longest cache key: qname + qtype + qclass + flags byte.
 pub const KEY_MAX: usize = NAME_MAX + 5;
+
+/// Smallest SOA RDATA: two root names and five 32-bit fields (RFC 1035 §3.3.13).
+const SOA_RDATA_MIN: usize = 22;
 
 /// Bit in the key's flags byte: the client set DO (RFC 3225).
 const KEY_FLAG_DO: u8 = 1;
@@ -229,11 +233,16 @@ impl Answer {
         if !header.qr() {
             return Err(BadAnswer::Malformed);
         }
-        // Full structural validation by `domain`: every record's data must parse.
+        // Full structural validation by `domain`: every record, data included (names inside
+        // CNAME, NS, SOA, MX ... with their compression pointers), must parse; otherwise a
+        // broken answer would be cached and replayed.
         for section in [message.answer(), message.authority(), message.additional()] {
             let section = section.map_err(|_| BadAnswer::Malformed)?;
             for record in section {
-                record.map_err(|_| BadAnswer::Malformed)?;
+                let record = record.map_err(|_| BadAnswer::Malformed)?;
+                record
+                    .to_any_record::<AllRecordData<&[u8], ParsedName<&[u8]>>>()
+                    .map_err(|_| BadAnswer::Malformed)?;
             }
         }
         let counts = message.header_counts();
@@ -246,8 +255,18 @@ impl Answer {
         let question = bytes
             .get(HEADER_LEN..question_end)
             .ok_or(BadAnswer::Malformed)?;
-        let key_question = key.get(..key.len().saturating_sub(1));
-        if key_question.is_none_or(|expected| !question.eq_ignore_ascii_case(expected)) {
+        // The key is qname + qtype + qclass + a flags byte: the name compares without case
+        // (RFC 4343), qtype and qclass exactly.
+        let name_len = name_end - HEADER_LEN;
+        let (Some(expected_name), Some(expected_fixed)) =
+            (key.get(..name_len), key.get(name_len..name_len + 4))
+        else {
+            return Err(BadAnswer::WrongQuestion);
+        };
+        if key.len() != name_len + 5
+            || !question[..name_len].eq_ignore_ascii_case(expected_name)
+            || question[name_len..] != *expected_fixed
+        {
             return Err(BadAnswer::WrongQuestion);
         }
         let mut out = bytes.to_vec();
@@ -264,10 +283,12 @@ impl Answer {
             + usize::from(counts.arcount());
         let authority = usize::from(counts.ancount())
             ..usize::from(counts.ancount()) + usize::from(counts.nscount());
+        let additional_from = authority.end;
         for index in 0..total {
             let record = wire::record_at(bytes, at).ok_or(BadAnswer::Malformed)?;
             if record.rtype == TYPE_OPT {
-                if opt_range.is_some() {
+                // RFC 6891 §6.1.1: one OPT at most, in the additional section only.
+                if opt_range.is_some() || index < additional_from {
                     return Err(BadAnswer::Malformed);
                 }
                 rcode_upper = (record.ttl >> 24) as u8;
@@ -284,8 +305,13 @@ impl Answer {
                 };
                 min_ttl = min_ttl.min(ttl);
                 if authority.contains(&index) && record.rtype == TYPE_SOA {
-                    let minimum = wire::u32_at(bytes, record.end.saturating_sub(4))
-                        .ok_or(BadAnswer::Malformed)?;
+                    // Two names (at least one byte each) and five 32-bit fields, MINIMUM last
+                    // (RFC 1035 §3.3.13).
+                    if record.end - record.rdata_at < SOA_RDATA_MIN {
+                        return Err(BadAnswer::Malformed);
+                    }
+                    let minimum =
+                        wire::u32_at(bytes, record.end - 4).ok_or(BadAnswer::Malformed)?;
                     soa_ttl = Some(ttl.min(minimum));
                 }
                 ttl_offsets.push(u16::try_from(record.ttl_at).map_err(|_| BadAnswer::TooLong)?);
@@ -294,13 +320,17 @@ impl Answer {
         }
         if let Some(range) = opt_range {
             out.truncate(range.start);
-            let arcount = counts.arcount() - 1;
+            let arcount = counts
+                .arcount()
+                .checked_sub(1)
+                .ok_or(BadAnswer::Malformed)?;
             HeaderCounts::for_message_slice_mut(&mut out).set_arcount(arcount);
         } else {
             out.truncate(at);
         }
         Header::for_message_slice_mut(&mut out).set_id(0);
-        let kind = if header.tc() {
+        // TC answers and extended rcodes (BADVERS, BADCOOKIE ...) are passed on, never cached.
+        let kind = if header.tc() || rcode_upper != 0 {
             Kind::Other
         } else {
             match header.rcode() {
@@ -460,12 +490,17 @@ pub fn write_error(
     counts.set_ancount(0);
     counts.set_nscount(0);
     counts.set_arcount(0);
+    // NOTIMP echoes the query's OPT (RFC 6891 §6.1.1: a responder that understands EDNS
+    // answers with OPT); a FORMERR query's OPT may be the malformed part, so none is read.
     let edns = match rejection {
         Rejection::BadVers => Some(false),
-        _ => Query::parse(bytes)
-            .ok()
-            .and_then(|query| query.edns)
+        Rejection::NotImp => question_end
+            .and_then(|end| {
+                let counts = Message::from_slice(bytes).ok()?.header_counts();
+                find_opt(bytes, end, counts).ok().flatten()
+            })
             .map(|edns| edns.dnssec_ok),
+        _ => None,
     };
     let opt = match (rejection, edns) {
         (Rejection::BadVers, _) => write_opt(out, len, udp_payload, BADVERS_UPPER, false),

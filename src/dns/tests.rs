@@ -295,3 +295,84 @@ fn servfail_echoes_question() {
     assert!(message.opt().is_some());
     assert_eq!(message.header().id(), 0x1234);
 }
+
+#[test]
+fn notimp_to_an_edns_query_carries_opt() {
+    let mut notify = query("a.test", 1, Some((1232, 0, true)));
+    notify[2] = 4 << 3;
+    let mut out = [0u8; 512];
+    let len = write_error(&notify, Rejection::NotImp, 1232, &mut out).expect("answered");
+    let message = Message::from_slice(&out[..len]).expect("parses");
+    assert_eq!(message.header().rcode(), Rcode::NOTIMP);
+    let opt = message.opt().expect("OPT echoed");
+    assert!(opt.dnssec_ok());
+}
+
+#[test]
+fn opt_outside_additional_is_malformed() {
+    let q = query("a.test", 1, None);
+    let parsed = Query::parse(&q).expect("valid");
+    let mut upstream = q[..parsed.question_end].to_vec();
+    upstream[2] = 0x81;
+    upstream[3] = 0x80;
+    upstream[6..12].copy_from_slice(&[0, 2, 0, 0, 0, 0]);
+    upstream.extend([0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 1, 0x2c, 0, 4, 1, 2, 3, 4]);
+    upstream.extend([0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(
+        Answer::from_upstream(&upstream, &key_of(&q)),
+        Err(BadAnswer::Malformed)
+    );
+}
+
+#[test]
+fn soa_without_room_for_minimum_is_malformed() {
+    let q = query("nx.test", 1, None);
+    let parsed = Query::parse(&q).expect("valid");
+    let mut upstream = q[..parsed.question_end].to_vec();
+    upstream[2] = 0x81;
+    upstream[3] = 0x83;
+    upstream[6..12].copy_from_slice(&[0, 0, 0, 1, 0, 0]);
+    upstream.extend([0xc0, 0x0c, 0, 6, 0, 1, 0, 0, 0x0e, 0x10, 0, 0]);
+    assert_eq!(
+        Answer::from_upstream(&upstream, &key_of(&q)),
+        Err(BadAnswer::Malformed)
+    );
+}
+
+#[test]
+fn qtype_compares_exactly_not_by_ascii_case() {
+    // 0x0061 and 0x0041 differ only by the ASCII case bit.
+    let asked = query("a.test", 0x61, None);
+    let other = query("a.test", 0x41, None);
+    let upstream = answer(&other, 0, &[30], None);
+    assert_eq!(
+        Answer::from_upstream(&upstream, &key_of(&asked)),
+        Err(BadAnswer::WrongQuestion)
+    );
+}
+
+#[test]
+fn extended_rcode_answers_are_not_cached() {
+    let q = query("a.test", 1, None);
+    let mut upstream = answer(&q, 0, &[30], None);
+    let opt_ttl = upstream.len() - 6;
+    upstream[opt_ttl] = 1; // extended rcode upper bits: BADVERS
+    let prepared = Answer::from_upstream(&upstream, &key_of(&q)).expect("parses");
+    assert_eq!(prepared.kind(), Kind::Other);
+}
+
+#[test]
+fn compression_pointer_past_the_end_in_rdata_is_malformed() {
+    let q = query("a.test", 5, None);
+    let parsed = Query::parse(&q).expect("valid");
+    let mut upstream = q[..parsed.question_end].to_vec();
+    upstream[2] = 0x81;
+    upstream[3] = 0x80;
+    upstream[6..12].copy_from_slice(&[0, 1, 0, 0, 0, 0]);
+    // CNAME whose target is a pointer to offset 0x3fff, past the message.
+    upstream.extend([0xc0, 0x0c, 0, 5, 0, 1, 0, 0, 0, 30, 0, 2, 0xff, 0xff]);
+    assert_eq!(
+        Answer::from_upstream(&upstream, &key_of(&q)),
+        Err(BadAnswer::Malformed)
+    );
+}
