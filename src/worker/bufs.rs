@@ -28,8 +28,9 @@ pub struct BufRing {
     ring: *mut BufRingEntry,
     /// Layout `ring` was allocated with.
     ring_layout: Layout,
-    /// The buffers themselves, `entries` × [`RECV_BUF_LEN`].
-    buffers: Box<[u8]>,
+    /// The buffers themselves, `entries` × [`RECV_BUF_LEN`]. Raw memory, never borrowed as a
+    /// whole: the kernel writes some buffers while we read others.
+    buffers: Area,
     /// Number of descriptors (a power of two).
     entries: u16,
     /// Our copy of the tail index (the kernel reads the shared one).
@@ -46,7 +47,7 @@ impl BufRing {
         );
         let ring_layout = Layout::from_size_align(
             usize::from(entries) * std::mem::size_of::<BufRingEntry>(),
-            4096,
+            page_size(),
         )
         .expect("a page-aligned layout of at most 32768 × 16 bytes is valid");
         // SAFETY: the layout has a non-zero size (entries ≥ 1, 16-byte descriptors).
@@ -57,7 +58,7 @@ impl BufRing {
         let mut bufs = BufRing {
             ring,
             ring_layout,
-            buffers: vec![0u8; usize::from(entries) * RECV_BUF_LEN].into_boxed_slice(),
+            buffers: Area::new(usize::from(entries) * RECV_BUF_LEN),
             entries,
             tail: 0,
         };
@@ -80,8 +81,14 @@ impl BufRing {
 
     /// The bytes of buffer `bid`, of which the kernel filled the first `len`.
     pub fn filled(&self, bid: u16, len: usize) -> Option<&[u8]> {
+        if bid >= self.entries {
+            return None;
+        }
         let start = usize::from(bid) * RECV_BUF_LEN;
-        self.buffers.get(start..start + len.min(RECV_BUF_LEN))
+        // SAFETY: buffer `bid` lies inside the area (bid < entries); its CQE handed it to us
+        // and the kernel does not write it again until `recycle(bid)` republishes it, which
+        // needs `&mut self` and so cannot happen while this borrow lives.
+        Some(unsafe { self.buffers.slice(start, len.min(RECV_BUF_LEN)) })
     }
 
     /// Hands buffer `bid` back to the kernel (visible after [`BufRing::publish`]).
@@ -92,7 +99,7 @@ impl BufRing {
     /// Writes the descriptor for buffer `bid` at our tail.
     fn stage(&mut self, bid: u16) {
         let index = usize::from(self.tail & (self.entries - 1));
-        let addr = self.buffers.as_ptr() as u64 + (usize::from(bid) * RECV_BUF_LEN) as u64;
+        let addr = self.buffers.addr(usize::from(bid) * RECV_BUF_LEN) as u64;
         // SAFETY: `index < entries`, so the offset stays inside the descriptor allocation.
         let slot = unsafe { self.ring.add(index) };
         // SAFETY: `slot` is in bounds and aligned. The kernel reads only descriptors between
@@ -125,30 +132,33 @@ impl Drop for BufRing {
     }
 }
 
-/// A send slot's fixed-address parts: the message header the kernel reads, its one iovec,
-/// and the destination address.
-#[repr(C)]
-struct SlotHeader {
-    /// `sendmsg` header pointing at `iov` and `addr`.
-    msghdr: libc::msghdr,
-    /// Points into the slot's buffer.
-    iov: libc::iovec,
-    /// Destination `sockaddr_in`/`sockaddr_in6`.
-    addr: AddrBytes,
-}
-
 /// Raw socket address bytes, aligned like `sockaddr_storage`.
 #[repr(C, align(8))]
 #[derive(Clone, Copy)]
 struct AddrBytes([u8; ADDR_LEN]);
 
-/// Send slots: fixed buffers for replies, each `Free` or `InFlight` (its SendMsg not yet
+/// One reply ready to send: where its bytes and its destination address are. Both point into
+/// a [`SendSlots`] slot and stay valid while the slot is in flight.
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing {
+    /// First byte of the reply.
+    pub buf: *const u8,
+    /// Reply length.
+    pub len: u32,
+    /// Destination `sockaddr_in`/`sockaddr_in6`.
+    pub addr: *const libc::sockaddr,
+    /// Its length.
+    pub addr_len: libc::socklen_t,
+}
+
+/// Send slots: fixed buffers for replies, each `Free` or `InFlight` (its Send not yet
 /// completed). A slot in flight is not touched until its CQE is reaped.
 pub struct SendSlots {
-    /// Per-slot headers (never moved: boxed slice allocated once).
-    headers: Box<[SlotHeader]>,
-    /// Reply bytes, `slot_len` per slot.
-    buffers: Box<[u8]>,
+    /// Per-slot destination addresses (never moved: boxed slice allocated once).
+    headers: Box<[AddrBytes]>,
+    /// Reply bytes, `slot_len` per slot. Raw memory, never borrowed as a whole: the kernel
+    /// reads slots in flight while we fill others.
+    buffers: Area,
     /// Bytes per slot.
     slot_len: usize,
     /// Free slots, used as a stack so the same few stay hot in cache.
@@ -167,19 +177,10 @@ impl std::fmt::Debug for SendSlots {
 impl SendSlots {
     /// `count` slots of `slot_len` bytes each.
     pub fn new(count: u16, slot_len: usize) -> SendSlots {
-        let headers = (0..count)
-            .map(|_| SlotHeader {
-                // SAFETY: msghdr and iovec are plain C structs for which all-zero bytes
-                // (null pointers, zero lengths) are a valid value.
-                msghdr: unsafe { std::mem::zeroed() },
-                // SAFETY: as above.
-                iov: unsafe { std::mem::zeroed() },
-                addr: AddrBytes([0; ADDR_LEN]),
-            })
-            .collect();
+        let headers = (0..count).map(|_| AddrBytes([0; ADDR_LEN])).collect();
         SendSlots {
             headers,
-            buffers: vec![0u8; usize::from(count) * slot_len].into_boxed_slice(),
+            buffers: Area::new(usize::from(count) * slot_len),
             slot_len,
             free: (0..count).rev().collect(),
         }
@@ -193,24 +194,32 @@ impl SendSlots {
 
     /// The writable buffer of an acquired slot.
     pub fn buffer(&mut self, slot: u16) -> &mut [u8] {
+        assert!(
+            usize::from(slot) < self.headers.len(),
+            "slot numbers come from acquire()"
+        );
         let start = usize::from(slot) * self.slot_len;
-        &mut self.buffers[start..start + self.slot_len]
+        // SAFETY: the slot lies inside the area (slot < count); it was acquired and is not in
+        // flight, so the kernel does not read it, and the `&mut self` borrow keeps this the
+        // only reference to it.
+        unsafe { self.buffers.slice_mut(start, self.slot_len) }
     }
 
-    /// Fills the slot's header for sending its first `len` bytes to `peer`; returns the
-    /// `msghdr` pointer for a SendMsg SQE. The slot is in flight from here until its CQE.
-    pub fn prepare(&mut self, slot: u16, len: usize, peer: SocketAddr) -> *const libc::msghdr {
+    /// Records `peer` as the slot's destination for sending its first `len` bytes; returns
+    /// the pointers for a Send SQE (IORING_OP_SEND with a destination address, which spares
+    /// the kernel copying and checking a msghdr and iovec per reply). The slot is in flight
+    /// from here until its CQE.
+    pub fn prepare(&mut self, slot: u16, len: usize, peer: SocketAddr) -> Outgoing {
         let start = usize::from(slot) * self.slot_len;
-        let base = self.buffers[start..].as_mut_ptr();
-        let header = &mut self.headers[usize::from(slot)];
-        let addr_len = encode_addr(peer, &mut header.addr.0);
-        header.iov.iov_base = base.cast();
-        header.iov.iov_len = len.min(self.slot_len);
-        header.msghdr.msg_name = header.addr.0.as_mut_ptr().cast();
-        header.msghdr.msg_namelen = addr_len as libc::socklen_t;
-        header.msghdr.msg_iov = &mut header.iov;
-        header.msghdr.msg_iovlen = 1;
-        &header.msghdr
+        let buf = self.buffers.addr(start).cast_const();
+        let addr = &mut self.headers[usize::from(slot)];
+        let addr_len = encode_addr(peer, &mut addr.0);
+        Outgoing {
+            buf,
+            len: len.min(self.slot_len) as u32,
+            addr: addr.0.as_ptr().cast(),
+            addr_len: addr_len as libc::socklen_t,
+        }
     }
 
     /// Returns a slot to the free list (its CQE was reaped, or it was never submitted).
@@ -222,6 +231,84 @@ impl SendSlots {
     pub fn busy(&self) -> usize {
         self.headers.len() - self.free.len()
     }
+}
+
+/// A zeroed heap area at a fixed address, shared with the kernel by raw pointer only.
+#[derive(Debug)]
+struct Area {
+    /// Base address (dangling and never dereferenced when `layout` has size 0).
+    base: *mut u8,
+    /// What `base` was allocated with.
+    layout: Layout,
+}
+
+impl Area {
+    /// A zeroed area of `len` bytes, cache-line aligned.
+    fn new(len: usize) -> Area {
+        let layout =
+            Layout::from_size_align(len, 64).expect("buffer areas are far below isize::MAX");
+        if len == 0 {
+            return Area {
+                base: std::ptr::NonNull::dangling().as_ptr(),
+                layout,
+            };
+        }
+        // SAFETY: the layout has a non-zero size.
+        let base = unsafe { alloc::alloc_zeroed(layout) };
+        if base.is_null() {
+            alloc::handle_alloc_error(layout);
+        }
+        Area { base, layout }
+    }
+
+    /// The address `offset` bytes in (computed without creating a reference).
+    fn addr(&self, offset: usize) -> *mut u8 {
+        self.base.wrapping_add(offset)
+    }
+
+    /// Borrows `len` bytes at `offset`.
+    ///
+    /// # Safety
+    ///
+    /// `offset + len` must be within the area, and nobody (the kernel included) may write
+    /// those bytes while the borrow lives.
+    unsafe fn slice(&self, offset: usize, len: usize) -> &[u8] {
+        debug_assert!(offset + len <= self.layout.size());
+        // SAFETY: in bounds and not written concurrently, as the caller guarantees.
+        unsafe { std::slice::from_raw_parts(self.addr(offset), len) }
+    }
+
+    /// Mutably borrows `len` bytes at `offset`.
+    ///
+    /// # Safety
+    ///
+    /// `offset + len` must be within the area, and nobody (the kernel included) may read or
+    /// write those bytes while the borrow lives.
+    unsafe fn slice_mut(&mut self, offset: usize, len: usize) -> &mut [u8] {
+        debug_assert!(offset + len <= self.layout.size());
+        // SAFETY: in bounds and exclusively ours, as the caller guarantees.
+        unsafe { std::slice::from_raw_parts_mut(self.addr(offset), len) }
+    }
+}
+
+impl Drop for Area {
+    fn drop(&mut self) {
+        if self.layout.size() > 0 {
+            // SAFETY: allocated in `new` with this layout; freed once. Owners drain the ring
+            // before dropping (see `RingUdp::drop`), so the kernel no longer uses it.
+            unsafe { alloc::dealloc(self.base, self.layout) };
+        }
+    }
+}
+
+/// The system page size (the buffer ring must be page aligned); 4096 if unknown.
+fn page_size() -> usize {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|size| usize::try_from(size).ok())
+        .filter(|size| size.is_power_of_two())
+        .unwrap_or(4096)
 }
 
 /// Writes `addr` as a `sockaddr_in`/`sockaddr_in6` into `out`; returns its length.

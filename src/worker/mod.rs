@@ -536,40 +536,60 @@ async fn control_loop(
 /// Drives the io_uring UDP path: whenever the kernel signals the ring's eventfd, handle every
 /// completion.
 async fn ring_loop(shared: Rc<RefCell<Shared>>, events: tokio::io::unix::AsyncFd<ring::WakeFd>) {
+    // Whether the last turn ended with work left: the kernel signals the eventfd only when
+    // its queue of completions goes from empty to non-empty, so a turn cut short must come
+    // back by itself (after the worker's other tasks ran) instead of waiting for a signal.
+    let mut busy = false;
     loop {
-        let Ok(mut guard) = events.readable().await else {
-            return;
-        };
-        if guard.get_inner().0.read() == Err(nix::errno::Errno::EAGAIN) {
-            guard.clear_ready();
-        }
-        let mut state = shared.borrow_mut();
-        let turn = Instant::now();
-        let mut now = turn;
-        loop {
-            let Shared {
-                handler,
-                udp: Udp::Uring(ring),
-                stats,
-                control_wake,
-                replies,
-                ..
-            } = &mut *state
-            else {
+        if !busy {
+            let Ok(mut guard) = events.readable().await else {
                 return;
             };
-            let handled = ring.poll(handler, stats, now);
-            if handler.take_wake() {
-                let _ = control_wake.write(1);
+            if guard.get_inner().0.read() == Err(nix::errno::Errno::EAGAIN) {
+                guard.clear_ready();
             }
-            // Leave for tokio when traffic stops, when control has replies for us (a linger
-            // delays them by at most LINGER), or after a turn (TCP and the tick run there).
-            if handled == 0 || !replies.is_empty() || now.duration_since(turn) >= TURN {
-                break;
-            }
-            ring.linger(LINGER_WANT, LINGER);
-            now = Instant::now();
         }
+        busy = ring_turn(&shared);
+        if busy {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// One turn of the io_uring loop: poll, and while traffic continues linger for more, up to
+/// [`TURN`]. Returns whether it stopped with work possibly left (traffic still flowing).
+fn ring_turn(shared: &RefCell<Shared>) -> bool {
+    let mut state = shared.borrow_mut();
+    let turn = Instant::now();
+    let mut now = turn;
+    loop {
+        let Shared {
+            handler,
+            udp: Udp::Uring(ring),
+            stats,
+            control_wake,
+            replies,
+            ..
+        } = &mut *state
+        else {
+            return false;
+        };
+        let handled = ring.poll(handler, stats, now);
+        if handler.take_wake() {
+            let _ = control_wake.write(1);
+        }
+        if handled == 0 {
+            return false;
+        }
+        // Leave for tokio when control has replies for us (a linger delays them by at most
+        // LINGER) or after a turn (TCP and the tick run there).
+        if !replies.is_empty() || now.duration_since(turn) >= TURN {
+            return true;
+        }
+        if handled < ring::POLL_BUDGET {
+            ring.linger(LINGER_WANT, LINGER);
+        }
+        now = Instant::now();
     }
 }
 

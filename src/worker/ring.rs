@@ -29,10 +29,13 @@ const RECV_BUFFERS: u16 = 1024;
 /// Send slots: replies in flight at once.
 const SEND_SLOTS: u16 = 1024;
 
+/// Completions one [`RingUdp::poll`] handles at most (a few batches' worth).
+pub const POLL_BUDGET: usize = 512;
+
 /// The provided-buffer group id used by every UDP socket of the worker.
 const BUF_GROUP: u16 = 0;
 
-/// `user_data` bit marking a SendMsg completion (else: a receive on socket `user_data`).
+/// `user_data` bit marking a Send completion (else: a receive on socket `user_data`).
 const SEND_TAG: u64 = 1 << 63;
 
 /// `user_data` bit of a cancel request (the cancel-all sent on drop, or a removed socket's).
@@ -50,7 +53,7 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 /// # Ownership of memory shared with the kernel
 ///
 /// `recv_msghdr` (read by every armed multishot RecvMsg), the buffer ring `bufs` (written by
-/// the kernel) and the send slots in flight (read by their SendMsg) stay valid and unmoved
+/// the kernel) and the send slots in flight (read by their Send) stay valid and unmoved
 /// until every operation that references them has completed: `Drop` cancels everything and
 /// reaps CQEs until `in_flight` is zero before any of them is freed (fields drop in
 /// declaration order, the ring first).
@@ -274,8 +277,10 @@ impl RingUdp {
             return false;
         };
         let fd = Fd(udp.as_raw_fd());
-        let msghdr = self.slots.prepare(slot, len, peer);
-        let entry = opcode::SendMsg::new(fd, msghdr)
+        let outgoing = self.slots.prepare(slot, len, peer);
+        let entry = opcode::Send::new(fd, outgoing.buf, outgoing.len)
+            .dest_addr(outgoing.addr)
+            .dest_addr_len(outgoing.addr_len)
             .build()
             .user_data(SEND_TAG | u64::from(slot));
         if self.push(&entry).is_err() {
@@ -313,11 +318,13 @@ impl RingUdp {
     }
 
     /// Runs deferred completions and handles every CQE: answers queries (hits in place into a
-    /// send slot), frees send slots, re-arms receives. Loops until the ring has nothing more;
-    /// returns how many completions it handled.
+    /// send slot), frees send slots, re-arms receives. Loops until the ring has nothing more
+    /// or [`POLL_BUDGET`] completions were handled; returns how many it handled.
     pub fn poll(&mut self, handler: &mut Handler, stats: &WorkerStats, now: Instant) -> usize {
         let mut total = 0;
-        loop {
+        // Under sustained load every pass brings new completions: stop after a budget so the
+        // caller can refresh `now` and let the worker's other tasks run.
+        while total < POLL_BUDGET {
             self.run_task_work();
             let mut handled = 0usize;
             loop {
@@ -333,10 +340,11 @@ impl RingUdp {
                 stats.bump(Counter::SendErrors);
             }
             if handled == 0 {
-                self.flush();
-                return total;
+                break;
             }
         }
+        self.flush();
+        total
     }
 
     /// Handles one completion.
@@ -488,7 +496,7 @@ pub fn probe() -> Result<(), String> {
         .map_err(|error| format!("io_uring opcode probe failed: {error}"))?;
     for (code, name) in [
         (opcode::RecvMsgMulti::CODE, "RECVMSG"),
-        (opcode::SendMsg::CODE, "SENDMSG"),
+        (opcode::Send::CODE, "SEND"),
         (opcode::AsyncCancel2::CODE, "ASYNC_CANCEL"),
     ] {
         if !probe.is_supported(code) {
