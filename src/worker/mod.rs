@@ -29,7 +29,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::sys::eventfd::EventFd;
-use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use crate::upstream::{ControlLink, Reply};
@@ -169,7 +168,7 @@ pub(crate) struct Shared {
     /// The UDP backend, for answering parked UDP clients.
     udp: Udp,
     /// Open TCP connections: where to queue their answers.
-    tcp: HashMap<u64, mpsc::UnboundedSender<Vec<u8>>>,
+    tcp: HashMap<u64, tcp::TcpConn>,
     /// Last connection number handed out.
     next_conn: u64,
     /// Connection cap.
@@ -253,7 +252,7 @@ impl Udp {
 /// Sends an answer to a client that was parked on a miss.
 fn send_parked(
     udp: &mut Udp,
-    tcp: &HashMap<u64, mpsc::UnboundedSender<Vec<u8>>>,
+    tcp: &HashMap<u64, tcp::TcpConn>,
     stats: &WorkerStats,
     origin: Origin,
     bytes: &[u8],
@@ -263,9 +262,7 @@ fn send_parked(
             Udp::Epoll(epoll) => epoll.send(socket, peer, bytes),
             Udp::Uring(ring) => ring.send(socket, peer, bytes),
         },
-        Origin::Tcp { conn, .. } => tcp
-            .get(&conn)
-            .is_some_and(|frames| frames.send(tcp::frame(bytes)).is_ok()),
+        Origin::Tcp { conn, .. } => tcp.get(&conn).is_some_and(|conn| conn.send_parked(bytes)),
     };
     if !sent {
         stats.bump(Counter::SendErrors);

@@ -3,7 +3,7 @@
 //! Runs on: worker threads (tasks on the worker's current-thread runtime, both backends).
 #![forbid(unsafe_code)]
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -49,10 +49,15 @@ pub(super) async fn accept_loop(shared: Rc<RefCell<Shared>>, listener: TcpListen
 /// §6.2.1.1). Closes after `tcp_idle_timeout` with no query and nothing outstanding.
 async fn serve(shared: Rc<RefCell<Shared>>, stream: TcpStream, socket: u16, conn: u64) {
     let (mut reader, mut writer) = stream.into_split();
-    let (frames, mut outgoing) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (frames, mut outgoing) = mpsc::channel::<Vec<u8>>(TCP_QUEUE);
+    let parked = Rc::new(Cell::new(0u32));
     let idle = {
         let mut state = shared.borrow_mut();
-        state.tcp.insert(conn, frames.clone());
+        let entry = TcpConn {
+            frames: frames.clone(),
+            parked: parked.clone(),
+        };
+        state.tcp.insert(conn, entry);
         state.tcp_idle_timeout
     };
     let writer_task = tokio::task::spawn_local(async move {
@@ -69,6 +74,8 @@ async fn serve(shared: Rc<RefCell<Shared>>, stream: TcpStream, socket: u16, conn
         match tokio::time::timeout(idle, reader.read_exact(&mut prefix)).await {
             Ok(Ok(_)) => {}
             Ok(Err(_)) => break,
+            // RFC 7766 §6.2.3: idle means no query and no answer outstanding.
+            Err(_) if parked.get() > 0 => continue,
             Err(_) => {
                 shared.borrow().stats.bump(Counter::TcpIdleClosed);
                 break;
@@ -76,18 +83,29 @@ async fn serve(shared: Rc<RefCell<Shared>>, stream: TcpStream, socket: u16, conn
         }
         let len = usize::from(u16::from_be_bytes(prefix));
         message.resize(len, 0);
-        if reader.read_exact(&mut message).await.is_err() {
-            break;
+        // A client that stops half-way through a message holds a connection slot: bound it.
+        match tokio::time::timeout(idle, reader.read_exact(&mut message)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => break,
         }
         let now = Instant::now();
-        let mut state = shared.borrow_mut();
-        let reply = state.handle_query(&message, now, Origin::Tcp { socket, conn });
-        // A frame too short for a header cannot be answered: close rather than guess.
-        let keep_open = match reply {
-            Some(reply) => frames.send(reply).is_ok(),
-            None => len >= crate::dns::wire::HEADER_LEN,
+        let outcome = {
+            let mut state = shared.borrow_mut();
+            let outcome = state.handle_query(&message, now, Origin::Tcp { socket, conn });
+            state.flush_wake();
+            outcome
         };
-        state.flush_wake();
+        let keep_open = match outcome {
+            // Waits while the client does not read its answers (the queue is bounded), so a
+            // client that only writes cannot make this connection hold unbounded memory.
+            TcpOutcome::Reply(reply) => frames.send(reply).await.is_ok(),
+            TcpOutcome::Parked => {
+                parked.set(parked.get() + 1);
+                true
+            }
+            // A frame too short for a header cannot be answered: close rather than guess.
+            TcpOutcome::Nothing => len >= crate::dns::wire::HEADER_LEN,
+        };
         if !keep_open {
             break;
         }
@@ -98,13 +116,45 @@ async fn serve(shared: Rc<RefCell<Shared>>, stream: TcpStream, socket: u16, conn
     let _ = writer_task.await;
 }
 
+/// Answers queued per TCP connection before its reader waits for the client to read.
+const TCP_QUEUE: usize = 64;
+
+/// A TCP connection as the rest of the worker sees it.
+#[derive(Debug)]
+pub(super) struct TcpConn {
+    /// Its bounded answer queue (drained by its writer task).
+    pub(super) frames: mpsc::Sender<Vec<u8>>,
+    /// Queries of this connection parked on a miss (the idle timeout waits for them).
+    pub(super) parked: Rc<Cell<u32>>,
+}
+
+impl TcpConn {
+    /// Queues the answer to a parked query; `false` if the connection is gone or its queue
+    /// is full (the client is not reading).
+    pub(super) fn send_parked(&self, message: &[u8]) -> bool {
+        self.parked.set(self.parked.get().saturating_sub(1));
+        self.frames.try_send(frame(message)).is_ok()
+    }
+}
+
+/// What to do after handling one TCP query.
+enum TcpOutcome {
+    /// Send this framed reply.
+    Reply(Vec<u8>),
+    /// Parked on a miss: the answer comes through [`TcpConn::send_parked`].
+    Parked,
+    /// Nothing to send (dropped).
+    Nothing,
+}
+
 impl Shared {
-    /// Handles one query and returns the framed reply to send, if any.
-    fn handle_query(&mut self, message: &[u8], now: Instant, origin: Origin) -> Option<Vec<u8>> {
+    /// Handles one query from a TCP connection.
+    fn handle_query(&mut self, message: &[u8], now: Instant, origin: Origin) -> TcpOutcome {
         let Shared { handler, out, .. } = self;
         match handler.handle_query(message, now, origin, &mut out[..]) {
-            Action::Reply { len } => Some(frame(&out[..len])),
-            Action::Parked | Action::Drop(_) => None,
+            Action::Reply { len } => TcpOutcome::Reply(frame(&out[..len])),
+            Action::Parked => TcpOutcome::Parked,
+            Action::Drop(_) => TcpOutcome::Nothing,
         }
     }
 }

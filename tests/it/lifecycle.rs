@@ -12,6 +12,7 @@ use domain::base::iana::{OptRcode, Rtype};
 use crate::harness::auth::Authoritative;
 use crate::harness::client::{self, Query, Reply};
 use crate::harness::dig::dig;
+use crate::harness::faulty::{FaultyUpstream, Mode, Source};
 use crate::harness::ringdns::{Io, Ringdns, TestConfig};
 use crate::harness::{backend_tests, enter_netns, zones};
 
@@ -19,6 +20,8 @@ backend_tests!(
     restart_after_sigterm_and_after_kill9_serves_again,
     pipelined_tcp_queries_are_all_answered,
     idle_tcp_connection_is_closed,
+    idle_timeout_waits_for_a_parked_answer,
+    half_sent_tcp_message_is_closed,
 );
 
 /// SIGTERM exits 0; after SIGTERM or SIGKILL a new ringdns binds and serves.
@@ -105,6 +108,53 @@ fn idle_tcp_connection_is_closed(io: Io) -> anyhow::Result<()> {
     );
     // And new connections still work.
     let reply = client::tcp(dns.tcp(), &query)?;
+    assert_eq!(reply.rcode, OptRcode::NOERROR);
+    dns.stop()
+}
+
+/// A TCP query parked on a slow upstream is answered even when the upstream takes longer than
+/// the idle timeout: idle means nothing outstanding (RFC 7766 §6.2.3).
+fn idle_timeout_waits_for_a_parked_answer(io: Io) -> anyhow::Result<()> {
+    let _ns = enter_netns!(&format!("idle_timeout_waits_for_a_parked_answer/{io}"));
+    let auth = Authoritative::start(zones::all())?;
+    let upstream_addr = "127.0.0.11:53".parse()?;
+    let upstream = FaultyUpstream::start(upstream_addr, Source::Forward(auth.addr()))?;
+    upstream.set_mode(Mode::Delay(Duration::from_millis(1800)));
+    let mut config = TestConfig::for_tests(io).forward_with(".", &[upstream_addr], "udp", "4s");
+    config.tcp_idle_timeout = Some("1s".into());
+    let mut dns = Ringdns::start(&config)?;
+    let mut stream = client::tcp_connect(dns.tcp())?;
+    stream.set_read_timeout(Some(Duration::from_secs(6)))?;
+    let query = Query::new(&zones::svc(42), Rtype::A);
+    client::tcp_send(&mut stream, &query.to_wire())?;
+    let answer = client::tcp_receive(&mut stream)?
+        .expect("the parked answer arrives although it took longer than the idle timeout");
+    assert!(answer.len() > 12);
+    dns.stop()
+}
+
+/// A client that sends a length prefix and then stops is disconnected after the idle timeout
+/// instead of holding a connection slot forever; the server keeps serving.
+fn half_sent_tcp_message_is_closed(io: Io) -> anyhow::Result<()> {
+    let _ns = enter_netns!(&format!("half_sent_tcp_message_is_closed/{io}"));
+    let auth = Authoritative::start(zones::all())?;
+    let mut config = TestConfig::for_tests(io).forward(".", auth.addr());
+    config.tcp_idle_timeout = Some("1s".into());
+    let mut dns = Ringdns::start(&config)?;
+    let mut stream = client::tcp_connect(dns.tcp())?;
+    std::io::Write::write_all(&mut stream, &[0xff, 0xff, 0x12])?;
+    stream.set_read_timeout(Some(Duration::from_secs(6)))?;
+    let mut byte = [0u8; 1];
+    let closed = match std::io::Read::read(&mut stream, &mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(error) => error.kind() == ErrorKind::ConnectionReset,
+    };
+    assert!(
+        closed,
+        "a half-sent message must not hold the connection open"
+    );
+    let reply = client::tcp(dns.tcp(), &Query::new(zones::KUBE_DNS, Rtype::A))?;
     assert_eq!(reply.rcode, OptRcode::NOERROR);
     dns.stop()
 }
