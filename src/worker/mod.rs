@@ -553,12 +553,16 @@ async fn ring_loop(shared: Rc<RefCell<Shared>>, events: tokio::io::unix::AsyncFd
     }
 }
 
-/// One turn of the io_uring loop: poll, and while traffic continues linger for more, up to
-/// [`TURN`]. Returns whether it stopped with work possibly left (traffic still flowing).
+/// One turn of the io_uring loop: handle what completed, then, while traffic continues,
+/// submit the replies and wait for more in one system call (a linger), up to [`TURN`].
+/// Returns whether it stopped with traffic still flowing.
 fn ring_turn(shared: &RefCell<Shared>) -> bool {
     let mut state = shared.borrow_mut();
     let turn = Instant::now();
     let mut now = turn;
+    if let Udp::Uring(ring) = &mut state.udp {
+        ring.start_turn();
+    }
     loop {
         let Shared {
             handler,
@@ -571,21 +575,21 @@ fn ring_turn(shared: &RefCell<Shared>) -> bool {
         else {
             return false;
         };
-        let handled = ring.poll(handler, stats, now);
+        let handled = ring.drain(handler, stats, now);
         if handler.take_wake() {
             let _ = control_wake.write(1);
         }
         if handled == 0 {
+            ring.flush();
             return false;
         }
         // Leave for tokio when control has replies for us (a linger delays them by at most
         // LINGER) or after a turn (TCP and the tick run there).
         if !replies.is_empty() || now.duration_since(turn) >= TURN {
+            ring.flush();
             return true;
         }
-        if handled < ring::POLL_BUDGET {
-            ring.linger(LINGER_WANT, LINGER);
-        }
+        ring.linger(LINGER_WANT, LINGER);
         now = Instant::now();
     }
 }

@@ -29,7 +29,8 @@ const RECV_BUFFERS: u16 = 1024;
 /// Send slots: replies in flight at once.
 const SEND_SLOTS: u16 = 1024;
 
-/// Completions one [`RingUdp::poll`] handles at most (a few batches' worth).
+/// Completions one [`RingUdp::drain`] handles at most (a few batches' worth), so that under
+/// sustained load the worker refreshes its clock and lets its other tasks run.
 pub const POLL_BUDGET: usize = 512;
 
 /// The provided-buffer group id used by every UDP socket of the worker.
@@ -169,9 +170,9 @@ impl RingUdp {
         Err(io::Error::other("io_uring submission queue stays full"))
     }
 
-    /// Waits in the kernel up to `wait` for `want` more completions (returning early once
-    /// `min_wait` has passed with at least one), so that at moderate rates one wake-up serves
-    /// several datagrams.
+    /// Submits queued sends and waits in the kernel up to `wait` for `want` more completions
+    /// (returning early once `wait` has passed with at least one: min_wait), running deferred
+    /// task work meanwhile; so at moderate rates one system call serves several datagrams.
     pub fn linger(&mut self, want: usize, wait: Duration) {
         let timeout = Timespec::from(wait);
         let micros = u32::try_from(wait.as_micros()).unwrap_or(u32::MAX);
@@ -317,34 +318,30 @@ impl RingUdp {
         self.unsubmitted = false;
     }
 
-    /// Runs deferred completions and handles every CQE: answers queries (hits in place into a
-    /// send slot), frees send slots, re-arms receives. Loops until the ring has nothing more
-    /// or [`POLL_BUDGET`] completions were handled; returns how many it handled.
-    pub fn poll(&mut self, handler: &mut Handler, stats: &WorkerStats, now: Instant) -> usize {
-        let mut total = 0;
-        // Under sustained load every pass brings new completions: stop after a budget so the
-        // caller can refresh `now` and let the worker's other tasks run.
-        while total < POLL_BUDGET {
-            self.run_task_work();
-            let mut handled = 0usize;
-            loop {
-                let Some(cqe) = self.ring.completion().next() else {
-                    break;
-                };
-                handled += 1;
-                self.complete(&cqe, handler, stats, now);
-            }
-            total += handled;
-            self.bufs.publish();
-            if self.arm_receives().is_err() {
-                stats.bump(Counter::SendErrors);
-            }
-            if handled == 0 {
+    /// Makes pending completions visible: submits queued SQEs and runs deferred task work.
+    /// Call once when woken, before the first [`RingUdp::drain`].
+    pub fn start_turn(&mut self) {
+        self.run_task_work();
+    }
+
+    /// Handles the completions already in the completion queue, at most [`POLL_BUDGET`]:
+    /// answers queries (hits in place into a send slot), frees send slots, re-arms receives.
+    /// Makes no system call: the sends it queues go out with the next [`RingUdp::linger`] or
+    /// [`RingUdp::flush`]. Returns how many completions it handled.
+    pub fn drain(&mut self, handler: &mut Handler, stats: &WorkerStats, now: Instant) -> usize {
+        let mut handled = 0usize;
+        while handled < POLL_BUDGET {
+            let Some(cqe) = self.ring.completion().next() else {
                 break;
-            }
+            };
+            handled += 1;
+            self.complete(&cqe, handler, stats, now);
         }
-        self.flush();
-        total
+        self.bufs.publish();
+        if self.arm_receives().is_err() {
+            stats.bump(Counter::SendErrors);
+        }
+        handled
     }
 
     /// Handles one completion.
