@@ -477,19 +477,13 @@ pub fn write_error(
     .filter(|&end| end <= bytes.len() && end <= out.len());
     let len = question_end.unwrap_or(HEADER_LEN);
     out.get_mut(..len)?.copy_from_slice(bytes.get(..len)?);
-    let header = Header::for_message_slice_mut(out);
-    header.set_qr(true);
-    header.set_aa(false);
-    header.set_tc(false);
-    header.set_ra(true);
-    header.set_ad(false);
-    header.set_rd(in_header.rd());
-    header.set_rcode(rcode);
-    let counts = HeaderCounts::for_message_slice_mut(out);
-    counts.set_qdcount(u16::from(question_end.is_some()));
-    counts.set_ancount(0);
-    counts.set_nscount(0);
-    counts.set_arcount(0);
+    finish_header(
+        out,
+        false,
+        rcode,
+        [u16::from(question_end.is_some()), 0, 0, 0],
+    );
+    Header::for_message_slice_mut(out).set_rd(in_header.rd());
     // NOTIMP echoes the query's OPT (RFC 6891 §6.1.1: a responder that understands EDNS
     // answers with OPT); a FORMERR query's OPT may be the malformed part, so none is read.
     let edns = match rejection {
@@ -517,20 +511,8 @@ pub fn write_servfail(query: &Query<'_>, udp_payload: u16, out: &mut [u8]) -> us
         return 0;
     };
     dest.copy_from_slice(&query.bytes[..len]);
-    let header = Header::for_message_slice_mut(out);
-    header.set_qr(true);
-    header.set_aa(false);
-    header.set_tc(false);
-    header.set_ra(true);
-    header.set_rcode(Rcode::SERVFAIL);
-    let counts = HeaderCounts::for_message_slice_mut(out);
-    counts.set_ancount(0);
-    counts.set_nscount(0);
-    counts.set_arcount(0);
-    match query.edns {
-        Some(edns) => len + write_opt(out, len, udp_payload, 0, edns.dnssec_ok),
-        None => len,
-    }
+    finish_header(out, false, Rcode::SERVFAIL, [1, 0, 0, 0]);
+    with_opt(out, len, udp_payload, query.edns)
 }
 
 /// QTYPE TXT (RFC 1035 §3.2.2).
@@ -578,19 +560,33 @@ pub fn write_id_server(query: &Query<'_>, udp_payload: u16, out: &mut [u8]) -> u
     record[10..12].copy_from_slice(&(1 + u16::from(text_len)).to_be_bytes());
     record[12] = text_len;
     record[13..].copy_from_slice(SERVER_ID);
+    finish_header(out, true, Rcode::NOERROR, [1, 1, 0, 0]);
+    with_opt(out, len, udp_payload, query.edns)
+}
+
+/// Turns the query header copied to the start of `out` into a reply header for a reply the
+/// worker writes itself: QR and RA set, TC and AD cleared, `aa` and `rcode` as given, and the
+/// section counts `[qd, an, ns, ar]`. The ID, opcode, RD and CD stay as the client sent them.
+fn finish_header(out: &mut [u8], aa: bool, rcode: Rcode, counts: [u16; 4]) {
     let header = Header::for_message_slice_mut(out);
     header.set_qr(true);
-    header.set_aa(true);
+    header.set_aa(aa);
     header.set_tc(false);
     header.set_ra(true);
     header.set_ad(false);
-    header.set_rcode(Rcode::NOERROR);
-    let counts = HeaderCounts::for_message_slice_mut(out);
-    counts.set_qdcount(1);
-    counts.set_ancount(1);
-    counts.set_nscount(0);
-    counts.set_arcount(0);
-    match query.edns {
+    header.set_rcode(rcode);
+    let [qd, an, ns, ar] = counts;
+    let section_counts = HeaderCounts::for_message_slice_mut(out);
+    section_counts.set_qdcount(qd);
+    section_counts.set_ancount(an);
+    section_counts.set_nscount(ns);
+    section_counts.set_arcount(ar);
+}
+
+/// The length of a reply of `len` bytes once an OPT record is appended iff the query had one
+/// (RFC 6891 §6.1.1), DO echoed.
+fn with_opt(out: &mut [u8], len: usize, udp_payload: u16, edns: Option<Edns>) -> usize {
+    match edns {
         Some(edns) => len + write_opt(out, len, udp_payload, 0, edns.dnssec_ok),
         None => len,
     }
@@ -604,8 +600,7 @@ pub fn upstream_query(query: &Query<'_>, udp_payload: u16) -> Vec<u8> {
     let question_end = HEADER_LEN + query.qname.len() + 4;
     out[HEADER_LEN..question_end].copy_from_slice(&query.bytes[HEADER_LEN..question_end]);
     let name_end = HEADER_LEN + query.qname.len();
-    let name = out[HEADER_LEN..name_end].to_vec();
-    wire::lowercase_into(&name, &mut out[HEADER_LEN..name_end]);
+    wire::lowercase_into(query.qname, &mut out[HEADER_LEN..name_end]);
     let header = Header::for_message_slice_mut(&mut out);
     header.set_rd(true);
     header.set_cd(query.cd);
