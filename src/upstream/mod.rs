@@ -499,6 +499,8 @@ async fn run(
             _ = &mut stopped => Wake::Stop,
             () = forwarder.delivery.wake_pending.notified() => Wake::Replies,
             Some(reconfigure) = reconfigured.recv() => Wake::Reconfigure(reconfigure),
+            // Before the backlog branch, which is always ready under load and would starve it.
+            _ = publish.tick() => Wake::Publish,
             () = tokio::task::yield_now(), if backlog => Wake::Requests,
             () = tokio::time::sleep(FALLBACK_POLL), if broken => Wake::Requests,
             ready = wake.readable(), if !broken => match ready {
@@ -513,7 +515,6 @@ async fn run(
                 },
                 Err(error) => Wake::Broken(error),
             },
-            _ = publish.tick() => Wake::Publish,
         };
         match wake_up {
             Wake::Stop => break,
