@@ -832,6 +832,11 @@ fn ringdns_series(out: &mut Families, sources: &Sources, now: Instant) {
         total(Counter::SendErrors),
     );
     out.counter(
+        "ringdns_worker_receive_errors_total",
+        "UDP receives that failed with an error (io_uring backend).",
+        total(Counter::ReceiveErrors),
+    );
+    out.counter(
         "ringdns_worker_tcp_connections_total",
         "Client TCP connections, by outcome.",
         by(

@@ -594,7 +594,8 @@ fn ring_turn(shared: &RefCell<Shared>) -> bool {
     }
 }
 
-/// Once a second: beat the heartbeat `/health` watches, answer misses whose reply never came.
+/// Once a second: beat the heartbeat `/health` watches, answer misses whose reply never came,
+/// re-arm UDP receives held back after an error.
 async fn tick(shared: Rc<RefCell<Shared>>) {
     let mut interval = tokio::time::interval(TICK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -605,6 +606,9 @@ async fn tick(shared: Rc<RefCell<Shared>>) {
         state.stats.beat(now);
         if state.handler.pending_len() > 0 {
             state.expire(now);
+        }
+        if let Udp::Uring(ring) = &mut state.udp {
+            ring.release_held();
         }
     }
 }

@@ -77,6 +77,9 @@ pub struct RingUdp {
     in_flight: usize,
     /// Whether each socket's multishot receive is armed.
     armed: Vec<bool>,
+    /// Sockets whose receive failed with an error other than ENOBUFS: not re-armed until
+    /// [`RingUdp::release_held`].
+    held: Vec<bool>,
     /// Registered with the ring: written by the kernel when completions (or deferred task
     /// work) are ready, so the worker's tokio loop can wait on it.
     events: Arc<EventFd>,
@@ -138,6 +141,7 @@ impl RingUdp {
             bufs,
             slots: SendSlots::new(SEND_SLOTS, slot_len),
             in_flight: 0,
+            held: vec![false; armed.len()],
             armed,
             events,
             unsubmitted: false,
@@ -194,6 +198,7 @@ impl RingUdp {
         if self.sockets.len() <= index {
             self.sockets.resize_with(index + 1, || None);
             self.armed.resize(index + 1, false);
+            self.held.resize(index + 1, false);
             self.generations.resize(index + 1, 0);
         }
         self.sockets[index] = Some(socket);
@@ -235,7 +240,7 @@ impl RingUdp {
     /// Arms a multishot RecvMsg on every socket that has none (tombstones skipped).
     fn arm_receives(&mut self) -> io::Result<()> {
         for index in 0..self.sockets.len() {
-            if self.armed[index] {
+            if self.armed[index] || self.held.get(index).is_some_and(|&held| held) {
                 continue;
             }
             let Some(socket) = &self.sockets[index] else {
@@ -250,6 +255,15 @@ impl RingUdp {
             self.in_flight += 1;
         }
         Ok(())
+    }
+
+    /// Re-arms receives held back after an error (called once a second by the worker's tick).
+    pub fn release_held(&mut self) {
+        if self.held.iter().any(|&held| held) {
+            self.held.iter_mut().for_each(|held| *held = false);
+            let _ = self.arm_receives();
+            self.flush();
+        }
     }
 
     /// Queues `bytes` to `peer` from socket `socket`; `false` if no send slot is free.
@@ -374,6 +388,15 @@ impl RingUdp {
             if current {
                 if let Some(armed) = self.armed.get_mut(socket) {
                     *armed = false;
+                }
+                // Out of buffers (ENOBUFS) is re-armed at once; any other error could repeat
+                // on every re-arm and spin the worker, so that socket waits for the next tick.
+                let result = cqe.result();
+                if result < 0 && result != -libc::ENOBUFS {
+                    stats.bump(Counter::ReceiveErrors);
+                    if let Some(held) = self.held.get_mut(socket) {
+                        *held = true;
+                    }
                 }
             }
         }

@@ -64,10 +64,13 @@ pub enum Counter {
     Evictions,
     /// `id.server.` CH TXT queries answered locally (the health probe, RFC 4892).
     IdServer,
+    /// UDP receives that failed with an error (io_uring backend; the socket is re-armed on
+    /// the next tick rather than at once).
+    ReceiveErrors,
 }
 
 /// Number of counters.
-const COUNTERS: usize = Counter::IdServer as usize + 1;
+const COUNTERS: usize = Counter::ReceiveErrors as usize + 1;
 
 /// Qtypes with a label value of their own (CoreDNS's names); every other qtype is `other`.
 pub const QTYPES: [(u16, &str); 14] = [
