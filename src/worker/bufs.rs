@@ -1,5 +1,5 @@
 //! Memory the kernel reads or writes for the io_uring UDP path: the provided-buffer ring that
-//! multishot RecvMsg fills, and the send slots that SendMsg reads.
+//! multishot RecvMsg fills, and the send slots that Send reads.
 //!
 //! Runs on: worker threads (io_uring backend).
 //!

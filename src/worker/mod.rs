@@ -6,7 +6,8 @@
 //! connections ([`tcp`]), the control loop (upstream replies arriving on this worker's
 //! channel, signalled through its eventfd), a one-second tick that answers misses whose reply
 //! never came, and the UDP path, which is either the io_uring ring (multishot `RecvMsg` with a
-//! provided buffer ring, replies built in place into registered send slots, see [`ring`]) or,
+//! provided buffer ring, replies built in place in fixed send slots and sent with
+//! `IORING_OP_SEND`, see [`ring`]) or,
 //! where io_uring is unavailable, tokio's epoll sockets ([`udp`]). The DNS logic above both is
 //! the same [`handler::Handler`].
 
