@@ -376,3 +376,112 @@ fn compression_pointer_past_the_end_in_rdata_is_malformed() {
         Err(BadAnswer::Malformed)
     );
 }
+
+/// A small deterministic PRNG (xorshift64*) for the mutation test below.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, bound: usize) -> usize {
+        (self.next() % bound.max(1) as u64) as usize
+    }
+}
+
+/// Mutates `bytes`: flips, overwrites, truncates or extends at random positions.
+fn mutate(rng: &mut Rng, bytes: &[u8]) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        match rng.below(6) {
+            // Rewrite one section count (bytes 4..12) to a small value.
+            5 if out.len() >= 12 => {
+                let count = 4 + 2 * rng.below(4);
+                out[count] = 0;
+                out[count + 1] = rng.below(4) as u8;
+            }
+            0 if !out.is_empty() => {
+                let at = rng.below(out.len());
+                out[at] ^= 1 << rng.below(8);
+            }
+            1 if !out.is_empty() => {
+                let at = rng.below(out.len());
+                out[at] = rng.next() as u8;
+            }
+            2 => out.truncate(rng.below(out.len() + 1)),
+            3 => {
+                for _ in 0..rng.below(16) {
+                    out.push(rng.next() as u8);
+                }
+            }
+            _ if out.len() > 12 => {
+                // Point a byte after the header at a compression pointer.
+                let at = 12 + rng.below(out.len() - 12);
+                out[at] = 0xc0;
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Network bytes never cause a panic (STYLE §2), with overflow checks on as in every test
+/// build: 200,000 mutated queries and upstream answers through parsing, answer preparation,
+/// reply and error writing. Deterministic (fixed seed), bounded in count.
+#[test]
+fn mutated_packets_never_panic() {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let queries = [
+        query("svc-1.default.svc.cluster.local", 1, None),
+        query("a.test", 28, Some((1232, 0, true))),
+        query("x.y.z.example", 33, Some((4096, 1, false))),
+    ];
+    // A positive and a negative upstream answer for every query that parses.
+    let answers: Vec<Vec<u8>> = queries
+        .iter()
+        .filter(|q| Query::parse(q).is_ok())
+        .flat_map(|q| {
+            [
+                answer(q, 0, &[30, 60], None),
+                answer(q, 3, &[], Some((300, 5))),
+            ]
+        })
+        .collect();
+    let mut out = vec![0u8; 4096];
+    for round in 0..200_000 {
+        let base = &queries[round % queries.len()];
+        let mutated = mutate(&mut rng, base);
+        match Query::parse(&mutated) {
+            Ok(parsed) => {
+                let mut key = [0u8; KEY_MAX];
+                let key_len = parsed.key_into(&mut key);
+                let upstream = mutate(&mut rng, &answers[round % answers.len()]);
+                if let Ok(prepared) = Answer::from_upstream(&upstream, &key[..key_len]) {
+                    let limit = rng.below(out.len() + 1);
+                    let len = prepared.write_reply(&parsed, 7, 1232, limit, &mut out);
+                    assert!(len <= out.len());
+                }
+                let _ = write_servfail(&parsed, 1232, &mut out);
+                let _ = upstream_query(&parsed, 1232);
+            }
+            Err(rejection) => {
+                let _ = write_error(&mutated, rejection, 1232, &mut out);
+            }
+        }
+        // Upstream answers are also validated against the unmutated query's key.
+        let valid = Query::parse(base).ok();
+        if let Some(parsed) = valid {
+            let mut key = [0u8; KEY_MAX];
+            let key_len = parsed.key_into(&mut key);
+            let upstream = mutate(&mut rng, &answers[round % answers.len()]);
+            if let Ok(prepared) = Answer::from_upstream(&upstream, &key[..key_len]) {
+                let len = prepared.write_reply(&parsed, 7, 1232, 512, &mut out);
+                assert!(len <= 512);
+            }
+        }
+    }
+}
