@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::sys::socket::{
     bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
@@ -42,19 +43,11 @@ fn family(addr: SocketAddr) -> AddressFamily {
     }
 }
 
-/// A non-blocking UDP socket bound to `addr` with SO_REUSEPORT, its receive buffer raised to
-/// `receive_buffer` bytes (SO_RCVBUFFORCE when permitted, else SO_RCVBUF, which the kernel caps
-/// at `net.core.rmem_max`). Returns the socket and the buffer size the kernel reports.
-pub fn bind_udp(
-    addr: SocketAddr,
-    receive_buffer: usize,
-) -> Result<(UdpSocket, usize), SocketError> {
+/// A non-blocking socket of `kind` for `addr`'s family with SO_REUSEPORT (one per worker on
+/// the same address) and, for IPv6, IPV6_V6ONLY (so IPv4 and IPv6 listen entries never clash).
+fn reuseport_socket(addr: SocketAddr, kind: SockType) -> Result<OwnedFd, SocketError> {
     let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
-    let fd = step(
-        addr,
-        "socket",
-        socket(family(addr), SockType::Datagram, flags, None),
-    )?;
+    let fd = step(addr, "socket", socket(family(addr), kind, flags, None))?;
     step(
         addr,
         "SO_REUSEPORT",
@@ -67,6 +60,26 @@ pub fn bind_udp(
             setsockopt(&fd, sockopt::Ipv6V6Only, &true),
         )?;
     }
+    Ok(fd)
+}
+
+/// Binds `fd` to `addr`.
+fn bind_to(fd: &OwnedFd, addr: SocketAddr) -> Result<(), SocketError> {
+    step(
+        addr,
+        "bind",
+        bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)),
+    )
+}
+
+/// A non-blocking UDP socket bound to `addr` with SO_REUSEPORT, its receive buffer raised to
+/// `receive_buffer` bytes (SO_RCVBUFFORCE when permitted, else SO_RCVBUF, which the kernel caps
+/// at `net.core.rmem_max`). Returns the socket and the buffer size the kernel reports.
+pub fn bind_udp(
+    addr: SocketAddr,
+    receive_buffer: usize,
+) -> Result<(UdpSocket, usize), SocketError> {
+    let fd = reuseport_socket(addr, SockType::Datagram)?;
     if setsockopt(&fd, sockopt::RcvBufForce, &receive_buffer).is_err() {
         step(
             addr,
@@ -79,51 +92,20 @@ pub fn bind_udp(
         "SO_RCVBUF",
         nix::sys::socket::getsockopt(&fd, sockopt::RcvBuf),
     )?;
-    step(
-        addr,
-        "bind",
-        bind(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            &SockaddrStorage::from(addr),
-        ),
-    )?;
+    bind_to(&fd, addr)?;
     Ok((UdpSocket::from(fd), actual))
 }
 
 /// A non-blocking TCP listener on `addr` with SO_REUSEPORT (and SO_REUSEADDR, so a restart
 /// does not wait for TIME_WAIT).
 pub fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, SocketError> {
-    let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
-    let fd = step(
-        addr,
-        "socket",
-        socket(family(addr), SockType::Stream, flags, None),
-    )?;
+    let fd = reuseport_socket(addr, SockType::Stream)?;
     step(
         addr,
         "SO_REUSEADDR",
         setsockopt(&fd, sockopt::ReuseAddr, &true),
     )?;
-    step(
-        addr,
-        "SO_REUSEPORT",
-        setsockopt(&fd, sockopt::ReusePort, &true),
-    )?;
-    if addr.is_ipv6() {
-        step(
-            addr,
-            "IPV6_V6ONLY",
-            setsockopt(&fd, sockopt::Ipv6V6Only, &true),
-        )?;
-    }
-    step(
-        addr,
-        "bind",
-        bind(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            &SockaddrStorage::from(addr),
-        ),
-    )?;
+    bind_to(&fd, addr)?;
     let backlog = Backlog::new(TCP_BACKLOG).expect("TCP_BACKLOG is within Backlog's range");
     step(addr, "listen", listen(&fd, backlog))?;
     Ok(TcpListener::from(fd))
