@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 mod forward;
+mod inflight;
 mod pool;
 mod route;
 mod tcp;

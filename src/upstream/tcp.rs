@@ -11,7 +11,6 @@
 #![forbid(unsafe_code)]
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -20,17 +19,15 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
+use super::inflight::{AnswerReceiver, InFlight};
 use super::route::{self, Question};
 use super::{Error, UpstreamStats};
 
 /// A connection with nothing in flight for this long is closed (RFC 7766 §6.2.3 asks clients to
 /// close idle connections; 10 s is below common server idle timeouts, so we usually close first).
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Random IDs tried before giving up on a connection with that many queries in flight.
-const ID_TRIES: usize = 64;
 
 /// Frames coalesced into one write when several queries are queued at once.
 const WRITE_BATCH_BYTES: usize = 16 * 1024;
@@ -46,9 +43,7 @@ pub(crate) struct Connection {
     /// Frames (length prefix included) for the writer.
     outgoing: mpsc::UnboundedSender<Vec<u8>>,
     /// In-flight queries by ID.
-    inflight: RefCell<HashMap<u16, Waiter>>,
-    /// Source of [`Waiter::seq`].
-    next_seq: Cell<u64>,
+    inflight: InFlight<bool>,
     /// Queries sent so far; a connection with earlier queries counts as reused.
     sent: Cell<u64>,
     /// Set once the connection has ended or decided to end; no new queries then.
@@ -84,8 +79,7 @@ impl Connection {
         let connection = Rc::new(Self {
             addr,
             outgoing,
-            inflight: RefCell::new(HashMap::new()),
-            next_seq: Cell::new(0),
+            inflight: InFlight::new(),
             sent: Cell::new(0),
             closed: Cell::new(false),
             stats,
@@ -101,7 +95,7 @@ impl Connection {
 
     /// Queries in flight on this connection.
     pub(crate) fn load(&self) -> usize {
-        self.inflight.borrow().len()
+        self.inflight.len()
     }
 
     /// Sends `query` (its ID replaced by a random one unique on this connection) and waits for
@@ -157,46 +151,14 @@ impl Connection {
         question: &Question,
         reused: bool,
     ) -> Result<(u16, u64, AnswerReceiver), Error> {
-        let mut inflight = self.inflight.borrow_mut();
-        for _ in 0..ID_TRIES {
-            let id: u16 = rand::random();
-            if inflight.contains_key(&id) {
-                continue;
-            }
-            let (answer, receiver) = oneshot::channel();
-            let seq = self.next_seq.get();
-            self.next_seq.set(seq + 1);
-            inflight.insert(
-                id,
-                Waiter {
-                    question: question.clone(),
-                    seq,
-                    reused,
-                    answer,
-                },
-            );
-            return Ok((id, seq, receiver));
-        }
-        Err(Error::IdsExhausted { addr: self.addr })
+        self.inflight
+            .register(question, reused)
+            .ok_or(Error::IdsExhausted { addr: self.addr })
     }
 
     /// Hands one received message to its waiter if ID and question match; otherwise counts it.
     fn dispatch(&self, message: &[u8]) {
-        let mut inflight = self.inflight.borrow_mut();
-        let waiter = match route::message_id(message) {
-            Some(id) => match inflight.get(&id) {
-                Some(waiter)
-                    if route::is_response(message)
-                        && route::question_matches(message, &waiter.question) =>
-                {
-                    inflight.remove(&id)
-                }
-                _ => None,
-            },
-            None => None,
-        };
-        drop(inflight);
-        match waiter {
+        match self.inflight.take_answered(message) {
             Some(waiter) => {
                 let _ = waiter.answer.send(Ok(message.to_vec()));
             }
@@ -207,35 +169,13 @@ impl Connection {
     /// Marks the connection closed and fails every in-flight query.
     fn shut(&self) {
         self.closed.set(true);
-        let waiters: Vec<Waiter> = self
-            .inflight
-            .borrow_mut()
-            .drain()
-            .map(|(_, waiter)| waiter)
-            .collect();
-        for waiter in waiters {
+        for waiter in self.inflight.drain() {
             let _ = waiter.answer.send(Err(Error::Closed {
                 addr: self.addr,
-                reused: waiter.reused,
+                reused: waiter.tag,
             }));
         }
     }
-}
-
-/// Where a waiting query's answer (or failure) arrives.
-type AnswerReceiver = oneshot::Receiver<Result<Vec<u8>, Error>>;
-
-/// A query waiting on a [`Connection`].
-#[derive(Debug)]
-struct Waiter {
-    /// What the answer must ask.
-    question: Question,
-    /// Distinguishes this registration from a later one that reuses the ID.
-    seq: u64,
-    /// The connection had carried earlier queries when this one was sent.
-    reused: bool,
-    /// Where the answer goes.
-    answer: oneshot::Sender<Result<Vec<u8>, Error>>,
 }
 
 /// Removes a query's waiter when the query ends for any reason.
@@ -250,10 +190,7 @@ struct Registration<'a> {
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        let mut inflight = self.connection.inflight.borrow_mut();
-        if inflight.get(&self.id).is_some_and(|w| w.seq == self.seq) {
-            inflight.remove(&self.id);
-        }
+        self.connection.inflight.release(self.id, self.seq);
     }
 }
 

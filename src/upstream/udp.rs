@@ -10,14 +10,14 @@
 #![forbid(unsafe_code)]
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::rc::Rc;
 
 use tokio::net::UdpSocket;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
 
+use super::inflight::{AnswerReceiver, InFlight};
 use super::route::{self, Question};
 use super::{Error, UpstreamStats};
 
@@ -27,9 +27,6 @@ pub(crate) const SOCKETS_PER_UPSTREAM: usize = 8;
 
 /// Queries sent on one socket before it is replaced by one on a new random port.
 pub(crate) const QUERIES_PER_SOCKET: u64 = 10_000;
-
-/// Random IDs tried before giving up on a socket with that many queries in flight.
-const ID_TRIES: usize = 64;
 
 /// Consecutive receive errors (ICMP reports) after which a socket is retired, so a persistently
 /// failing socket cannot spin its reader.
@@ -152,8 +149,7 @@ impl UdpSet {
             socket: UdpSocket::from_std(socket)?,
             addr: self.addr,
             payload_limit: self.payload_limit,
-            inflight: RefCell::new(HashMap::new()),
-            next_seq: Cell::new(0),
+            inflight: InFlight::new(),
             sent: Cell::new(0),
             retired: Cell::new(false),
             done: Notify::new(),
@@ -182,9 +178,7 @@ struct Slot {
     /// Longer datagrams are cut by our buffer and handed on marked TC=1.
     payload_limit: usize,
     /// In-flight queries by ID.
-    inflight: RefCell<HashMap<u16, Waiter>>,
-    /// Source of [`Waiter::seq`].
-    next_seq: Cell<u64>,
+    inflight: InFlight<()>,
     /// Queries sent so far.
     sent: Cell<u64>,
     /// No longer picked for new queries.
@@ -198,45 +192,14 @@ struct Slot {
 impl Slot {
     /// Registers a waiter for `question` under a random ID not in flight on this socket.
     fn register(&self, question: &Question) -> Result<(u16, u64, AnswerReceiver), Error> {
-        let mut inflight = self.inflight.borrow_mut();
-        for _ in 0..ID_TRIES {
-            let id: u16 = rand::random();
-            if inflight.contains_key(&id) {
-                continue;
-            }
-            let (answer, receiver) = oneshot::channel();
-            let seq = self.next_seq.get();
-            self.next_seq.set(seq + 1);
-            inflight.insert(
-                id,
-                Waiter {
-                    question: question.clone(),
-                    seq,
-                    answer,
-                },
-            );
-            return Ok((id, seq, receiver));
-        }
-        Err(Error::IdsExhausted { addr: self.addr })
+        self.inflight
+            .register(question, ())
+            .ok_or(Error::IdsExhausted { addr: self.addr })
     }
 
     /// Hands a received datagram to its waiter if ID and question match; otherwise counts it.
     fn dispatch(&self, datagram: &[u8]) {
-        let mut inflight = self.inflight.borrow_mut();
-        let waiter = match route::message_id(datagram) {
-            Some(id) => match inflight.get(&id) {
-                Some(waiter)
-                    if route::is_response(datagram)
-                        && route::question_matches(datagram, &waiter.question) =>
-                {
-                    inflight.remove(&id)
-                }
-                _ => None,
-            },
-            None => None,
-        };
-        drop(inflight);
-        let Some(waiter) = waiter else {
+        let Some(waiter) = self.inflight.take_answered(datagram) else {
             self.stats.borrow_mut().ignored += 1;
             return;
         };
@@ -253,33 +216,13 @@ impl Slot {
     /// Fails every in-flight query with a receive error (an ICMP report such as port
     /// unreachable: it concerns the one upstream all of them were sent to).
     fn fail_all(&self, kind: io::ErrorKind) {
-        let waiters: Vec<Waiter> = self
-            .inflight
-            .borrow_mut()
-            .drain()
-            .map(|(_, waiter)| waiter)
-            .collect();
-        for waiter in waiters {
+        for waiter in self.inflight.drain() {
             let _ = waiter.answer.send(Err(Error::Io {
                 addr: self.addr,
                 source: io::Error::from(kind),
             }));
         }
     }
-}
-
-/// Where a waiting query's answer (or failure) arrives.
-type AnswerReceiver = oneshot::Receiver<Result<Vec<u8>, Error>>;
-
-/// A query waiting on a [`Slot`].
-#[derive(Debug)]
-struct Waiter {
-    /// What the answer must ask.
-    question: Question,
-    /// Distinguishes this registration from a later one that reuses the ID.
-    seq: u64,
-    /// Where the answer goes.
-    answer: oneshot::Sender<Result<Vec<u8>, Error>>,
 }
 
 /// Removes a query's waiter when the query ends for any reason, and lets a retired socket's
@@ -295,11 +238,8 @@ struct Registration<'a> {
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        let mut inflight = self.slot.inflight.borrow_mut();
-        if inflight.get(&self.id).is_some_and(|w| w.seq == self.seq) {
-            inflight.remove(&self.id);
-        }
-        if self.slot.retired.get() && inflight.is_empty() {
+        self.slot.inflight.release(self.id, self.seq);
+        if self.slot.retired.get() && self.slot.inflight.is_empty() {
             self.slot.done.notify_one();
         }
     }
@@ -328,7 +268,7 @@ async fn read_answers(slot: Rc<Slot>) {
                 }
             },
             () = slot.done.notified() => {
-                if slot.inflight.borrow().is_empty() {
+                if slot.inflight.is_empty() {
                     break;
                 }
             }
