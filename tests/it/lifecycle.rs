@@ -93,14 +93,8 @@ fn idle_tcp_connection_is_closed(io: Io) -> anyhow::Result<()> {
     client::tcp_send(&mut stream, &query.to_wire())?;
     assert!(client::tcp_receive(&mut stream)?.is_some());
     // Then stay idle: the server must close within a few idle periods (RFC 7766 §6.2.3).
-    stream.set_read_timeout(Some(Duration::from_secs(6)))?;
     let started = Instant::now();
-    let mut byte = [0u8; 1];
-    let closed = match std::io::Read::read(&mut stream, &mut byte) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(error) => error.kind() == ErrorKind::ConnectionReset,
-    };
+    let closed = closed_by_server(&mut stream)?;
     assert!(
         closed,
         "idle connection still open after {:?}",
@@ -143,18 +137,23 @@ fn half_sent_tcp_message_is_closed(io: Io) -> anyhow::Result<()> {
     let mut dns = Ringdns::start(&config)?;
     let mut stream = client::tcp_connect(dns.tcp())?;
     std::io::Write::write_all(&mut stream, &[0xff, 0xff, 0x12])?;
-    stream.set_read_timeout(Some(Duration::from_secs(6)))?;
-    let mut byte = [0u8; 1];
-    let closed = match std::io::Read::read(&mut stream, &mut byte) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(error) => error.kind() == ErrorKind::ConnectionReset,
-    };
     assert!(
-        closed,
+        closed_by_server(&mut stream)?,
         "a half-sent message must not hold the connection open"
     );
     let reply = client::tcp(dns.tcp(), &Query::new(zones::KUBE_DNS, Rtype::A))?;
     assert_eq!(reply.rcode, OptRcode::NOERROR);
     dns.stop()
+}
+
+/// Waits up to 6 s (a few idle periods) for the server to close `stream`: end of stream or a
+/// reset; `false` if it sent data or stayed open.
+fn closed_by_server(stream: &mut std::net::TcpStream) -> anyhow::Result<bool> {
+    stream.set_read_timeout(Some(Duration::from_secs(6)))?;
+    let mut byte = [0u8; 1];
+    Ok(match std::io::Read::read(stream, &mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(error) => error.kind() == ErrorKind::ConnectionReset,
+    })
 }
