@@ -208,7 +208,9 @@ impl Shared {
         }
     }
 
-    /// Answers every parked client of `reply`.
+    /// Answers every parked client of `reply`. The UDP answers are queued, not submitted: the
+    /// caller delivers a whole batch of replies, then calls [`Udp::flush`] once (one system
+    /// call for the batch instead of one per reply).
     fn deliver(&mut self, reply: Reply, now: Instant) {
         let Shared {
             handler,
@@ -218,10 +220,7 @@ impl Shared {
             stats,
             ..
         } = self;
-        handler.handle_reply(reply, now, &mut out[..], &mut |origin, bytes| {
-            send_parked(udp, tcp, stats, origin, bytes);
-        });
-        udp.flush();
+        deliver(handler, udp, tcp, out, stats, reply, now);
     }
 
     /// Answers SERVFAIL to clients whose miss has outlived its deadline.
@@ -248,6 +247,21 @@ impl Udp {
             ring.flush();
         }
     }
+}
+
+/// [`Shared::deliver`] on the fields it needs (the ring loop holds the others borrowed).
+fn deliver(
+    handler: &mut Handler,
+    udp: &mut Udp,
+    tcp: &HashMap<u64, tcp::TcpConn>,
+    out: &mut [u8],
+    stats: &WorkerStats,
+    reply: Reply,
+    now: Instant,
+) {
+    handler.handle_reply(reply, now, out, &mut |origin, bytes| {
+        send_parked(udp, tcp, stats, origin, bytes);
+    });
 }
 
 /// Sends an answer to a client that was parked on a miss.
@@ -519,6 +533,7 @@ async fn control_loop(
             while let Ok(reply) = replies.try_recv() {
                 state.deliver(reply, now);
             }
+            state.udp.flush();
             state.flush_wake();
         }
         while let Ok(command) = commands.try_recv() {
@@ -567,26 +582,39 @@ fn ring_turn(shared: &RefCell<Shared>) -> bool {
     loop {
         let Shared {
             handler,
-            udp: Udp::Uring(ring),
+            udp,
+            tcp,
+            out,
             stats,
             control_wake,
             replies,
             ..
-        } = &mut *state
-        else {
+        } = &mut *state;
+        let Udp::Uring(ring) = udp else {
             return false;
         };
         let handled = ring.drain(handler, stats, now);
         if handler.take_wake() {
             let _ = control_wake.write(1);
         }
-        if handled == 0 {
+        // Upstream replies that came in meanwhile are answered here, their sends going out
+        // with this turn's next system call, instead of waiting for the control loop's
+        // eventfd wake-up (which then finds the channel empty). `try_recv` only: replies
+        // never block the ring.
+        let mut delivered = 0usize;
+        while let Ok(reply) = replies.try_recv() {
+            deliver(handler, udp, tcp, out, stats, reply, now);
+            delivered += 1;
+        }
+        let Udp::Uring(ring) = udp else {
+            return false;
+        };
+        if handled == 0 && delivered == 0 {
             ring.flush();
             return false;
         }
-        // Leave for tokio when control has replies for us (a linger delays them by at most
-        // LINGER) or after a turn (TCP and the tick run there).
-        if !replies.is_empty() || now.duration_since(turn) >= TURN {
+        // Leave for tokio after a turn (TCP and the tick run there).
+        if now.duration_since(turn) >= TURN {
             ring.flush();
             return true;
         }
