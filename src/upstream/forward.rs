@@ -468,18 +468,21 @@ async fn exchange(
     question: &Question,
     slice: Duration,
 ) -> Result<Vec<u8>, Error> {
+    // The TCP futures are boxed, not inlined: inline they made every UDP attempt a 2 KB future,
+    // past glibc's per-thread cache (tcache, <= 1032 bytes), so each miss paid malloc's slow
+    // path and fastbin consolidation (~10 % of miss CPU in perf/RESULTS.md's profile).
     match transport {
-        Transport::Tcp => upstream.tcp.exchange(query, question, slice).await,
+        Transport::Tcp => Box::pin(upstream.tcp.exchange(query, question, slice)).await,
         Transport::Udp => {
             let answer = upstream.udp.exchange(query, question).await?;
             if route::is_truncated(&answer) {
                 upstream.stats.borrow_mut().truncated += 1;
-                upstream.tcp.exchange(query, question, slice).await
+                Box::pin(upstream.tcp.exchange(query, question, slice)).await
             } else {
                 Ok(answer)
             }
         }
-        Transport::PreferUdp => prefer_udp(upstream, query, question, slice).await,
+        Transport::PreferUdp => Box::pin(prefer_udp(upstream, query, question, slice)).await,
     }
 }
 
@@ -617,5 +620,32 @@ mod tests {
             Duration::from_millis(100)
         );
         assert_eq!(slice_for(Duration::from_secs(5), 0), Duration::from_secs(5));
+    }
+
+    /// Every miss allocates its request task and its attempt; both must stay within glibc's
+    /// per-thread cache (1032 bytes) or each miss takes malloc's slow path (see `exchange`).
+    #[test]
+    fn per_request_futures_stay_small() {
+        const TCACHE_MAX: usize = 1032;
+        let forwarder = Rc::new(Forwarder::new(Vec::new(), 1232, Vec::new()));
+        let request = Request {
+            worker: 0,
+            token: 0,
+            query: Vec::new(),
+        };
+        let serve = Rc::clone(&forwarder).serve(request);
+        assert!(
+            std::mem::size_of_val(&serve) <= TCACHE_MAX,
+            "serve: {}",
+            std::mem::size_of_val(&serve)
+        );
+        let upstream = Upstream::new(SocketAddr::from(([127, 0, 0, 1], 53)), 1232);
+        let wire = crate::upstream::testutil::query("small.example.");
+        let question = route::parse_question(&wire).expect("valid query");
+        for transport in [Transport::Udp, Transport::Tcp, Transport::PreferUdp] {
+            let attempt = attempt(&upstream, transport, &wire, &question, MIN_SLICE);
+            let size = std::mem::size_of_val(&attempt);
+            assert!(size <= TCACHE_MAX, "{transport:?} attempt: {size} bytes");
+        }
     }
 }

@@ -79,15 +79,18 @@ impl UdpSet {
             id,
             seq,
         };
-        let mut packet = query.to_vec();
-        route::set_id(&mut packet, id);
-        slot.socket
-            .send(&packet)
-            .await
-            .map_err(|source| Error::Io {
-                addr: self.addr,
-                source,
-            })?;
+        let sent = match try_send_with_id(&slot.socket, query, id) {
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                let mut packet = query.to_vec();
+                route::set_id(&mut packet, id);
+                slot.socket.send(&packet).await.map(drop)
+            }
+            other => other,
+        };
+        sent.map_err(|source| Error::Io {
+            addr: self.addr,
+            source,
+        })?;
         self.stats.borrow_mut().queries += 1;
         slot.sent.set(slot.sent.get() + 1);
         if slot.sent.get() >= self.rotate_after {
@@ -166,6 +169,23 @@ impl UdpSet {
             }
         }
     }
+}
+
+/// Queries up to this long are sent from a stack copy (a worker's query is at most a header,
+/// a 255-octet name, type, class and an OPT record); longer ones take the allocating path.
+const STACK_QUERY: usize = 512;
+
+/// Sends `query` with its ID set to `id` without waiting and without allocating; `WouldBlock`
+/// when the socket buffer is full (or the query is longer than [`STACK_QUERY`]): then the
+/// caller sends an owned copy and waits for the socket.
+fn try_send_with_id(socket: &UdpSocket, query: &[u8], id: u16) -> io::Result<()> {
+    let mut buf = [0u8; STACK_QUERY];
+    let Some(packet) = buf.get_mut(..query.len()) else {
+        return Err(io::ErrorKind::WouldBlock.into());
+    };
+    packet.copy_from_slice(query);
+    route::set_id(packet, id);
+    socket.try_send(packet).map(drop)
 }
 
 /// One connected socket and the queries in flight on it.
