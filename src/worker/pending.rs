@@ -4,6 +4,8 @@
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
+
+use hashbrown::HashTable;
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -39,13 +41,62 @@ pub struct Waiter {
     pub zone: u16,
 }
 
+/// The clients waiting on one miss: the first inline, so a miss nobody else asks for costs no
+/// list allocation.
+#[derive(Debug)]
+pub struct Waiters {
+    /// The client whose query started the miss.
+    first: Waiter,
+    /// Clients coalesced onto it later.
+    rest: Vec<Waiter>,
+}
+
+impl Waiters {
+    /// A list holding `first`.
+    fn new(first: Waiter) -> Waiters {
+        Waiters {
+            first,
+            rest: Vec::new(),
+        }
+    }
+
+    /// How many clients wait.
+    pub fn len(&self) -> usize {
+        1 + self.rest.len()
+    }
+
+    /// Never empty: a miss exists because a client asked.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The clients, first one first.
+    pub fn iter(&self) -> impl Iterator<Item = &Waiter> {
+        std::iter::once(&self.first).chain(self.rest.iter())
+    }
+
+    /// Adds a coalesced client.
+    fn push(&mut self, waiter: Waiter) {
+        self.rest.push(waiter);
+    }
+}
+
+impl<'a> IntoIterator for &'a Waiters {
+    type Item = &'a Waiter;
+    type IntoIter = std::iter::Chain<std::iter::Once<&'a Waiter>, std::slice::Iter<'a, Waiter>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        std::iter::once(&self.first).chain(self.rest.iter())
+    }
+}
+
 /// One distinct miss in flight.
 #[derive(Debug)]
 pub struct Miss {
     /// Its cache key.
     pub key: Box<[u8]>,
     /// Every client asking for it.
-    pub waiters: Vec<Waiter>,
+    pub waiters: Waiters,
     /// After this the worker gives up and answers SERVFAIL itself (the control side normally
     /// answers well before: this is a guard against a lost reply).
     pub deadline: Instant,
@@ -65,8 +116,11 @@ pub enum Joined {
 /// The worker's in-flight misses.
 #[derive(Debug)]
 pub struct Pending {
-    /// Key → token of the in-flight miss.
-    by_key: HashMap<Box<[u8]>, u64, ahash::RandomState>,
+    /// Tokens of the in-flight misses, found by their key's hash (the key itself is stored once,
+    /// in the [`Miss`]).
+    by_key: HashTable<u64>,
+    /// Hashes keys for `by_key`.
+    hasher: ahash::RandomState,
     /// Token → miss.
     by_token: HashMap<u64, Miss, ahash::RandomState>,
     /// Next token to hand out.
@@ -81,7 +135,8 @@ impl Pending {
     /// An empty table with the given bounds.
     pub fn new(max_misses: usize, max_waiters: usize) -> Pending {
         Pending {
-            by_key: HashMap::with_capacity_and_hasher(max_misses, ahash::RandomState::new()),
+            by_key: HashTable::with_capacity(max_misses),
+            hasher: ahash::RandomState::new(),
             by_token: HashMap::with_capacity_and_hasher(max_misses, ahash::RandomState::new()),
             next_token: 1,
             max_misses,
@@ -91,10 +146,18 @@ impl Pending {
 
     /// Adds `waiter` for `key`, coalescing with an identical miss in flight.
     pub fn join(&mut self, key: &[u8], waiter: Waiter, deadline: Instant) -> Joined {
-        if let Some(token) = self.by_key.get(key) {
+        let hash = self.hasher.hash_one(key);
+        let by_token = &self.by_token;
+        let found = self
+            .by_key
+            .find(hash, |token| {
+                by_token.get(token).is_some_and(|miss| &*miss.key == key)
+            })
+            .copied();
+        if let Some(token) = found {
             let miss = self
                 .by_token
-                .get_mut(token)
+                .get_mut(&token)
                 .expect("by_key and by_token hold the same tokens");
             if miss.waiters.len() >= self.max_waiters {
                 return Joined::Full;
@@ -107,12 +170,18 @@ impl Pending {
         }
         let token = self.next_token;
         self.next_token += 1;
-        self.by_key.insert(key.into(), token);
+        let hasher = &self.hasher;
+        let by_token = &self.by_token;
+        self.by_key.insert_unique(hash, token, |token| {
+            by_token
+                .get(token)
+                .map_or(0, |miss| hasher.hash_one(&*miss.key))
+        });
         self.by_token.insert(
             token,
             Miss {
                 key: key.into(),
-                waiters: vec![waiter],
+                waiters: Waiters::new(waiter),
                 deadline,
             },
         );
@@ -122,7 +191,13 @@ impl Pending {
     /// Removes and returns the miss for `token` (its answer arrived or it failed).
     pub fn take(&mut self, token: u64) -> Option<Miss> {
         let miss = self.by_token.remove(&token)?;
-        self.by_key.remove(&miss.key);
+        let hash = self.hasher.hash_one(&*miss.key);
+        if let Ok(entry) = self
+            .by_key
+            .find_entry(hash, |&candidate| candidate == token)
+        {
+            entry.remove();
+        }
         Some(miss)
     }
 
