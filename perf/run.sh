@@ -11,7 +11,7 @@
 #   --no-build   do not run cargo/go build first (default: build, a no-op when up to date)
 #   --keep       keep the temp dir (zones, configs, every loadgen JSON and server log)
 #   --no-append  print the table but do not append it to perf/RESULTS.md
-#   --profile    also `perf record` ringdns during its saturated and paced runs (implies --keep
+#   --profile    also `perf record` ringdns during each of its runs (implies --keep
 #                and --no-append: profiling perturbs the numbers); reports in the temp dir
 #   --install    apt-get install the Debian packages this needs, then exit
 # Needs root (unshare -n / -m, binding port 53). See perf/README.md for what each number means.
@@ -432,7 +432,7 @@ measure_once() {
     cpu0_before=$(cpu_busy "$client_cpu")
     cpu1_before=$(cpu_busy "$server_cpu")
     local perf_pid=""
-    if ((profile)) && [[ $name == ringdns && ( $label == saturated || $label == paced ) ]]; then
+    if ((profile)) && [[ $name == ringdns ]]; then
         command -v perf >/dev/null || die "--profile needs perf (apt-get install -y linux-perf)"
         timeout 120 taskset -c "$client_cpu" perf record -q -F 1999 -g -p "$server_pid" \
             -o "$tmp/$name.$label.perf.data" >/dev/null 2>&1 &
