@@ -540,6 +540,89 @@ for name in "${servers[@]}"; do
 done
 
 # ---------------------------------------------------------------------------------------------
+# 2b. Two workers (ringdns only): does the hit path scale across cores? This host has 2 CPUs,
+# so the load generator cannot get a core of its own: worker 0 shares CPU 0 with loadgen
+# (--gso, busy-polling, 64 sockets spread over the SO_REUSEPORT group), worker 1 has CPU 1.
+# Measured: each worker's CPU per query (its thread's utime+stime over the queries it counted
+# in ringdns_worker_queries_total) and the split of queries between the workers.
+# Derived: the rate at which the busier worker would fill its own core, min_i 1/(cpu_i ×
+# share_i), over one worker's saturated rate per core (1 / its CPU per hit): 2.0 means two
+# workers serve twice one worker's hits. Per-query CPU is taken below saturation here, which
+# only raises it, so the figure errs low.
+worker_queries() {
+    curl -s --max-time 5 "http://${addr[ringdns]}:9253/metrics" |
+        awk -v w="$1" '$1 == "ringdns_worker_queries_total{worker=\"" w "\"}" { print $2 + 0; f = 1 } END { if (!f) print 0 }'
+}
+thread_ticks() {
+    local task
+    for task in /proc/"$1"/task/*; do
+        if [[ "$(cat "$task/comm" 2>/dev/null)" == "$2" ]]; then
+            sed 's/.*) //' "$task/stat" | awk '{print $12 + $13}'
+            return
+        fi
+    done
+    echo 0
+}
+scaling_line=""
+if [[ " ${servers[*]} " == *" ringdns "* && -f "$tmp/ringdns.saturated.json" ]]; then
+    wait_idle 5
+    dir="$tmp/ringdns-2w"
+    mkdir -p "$dir"
+    cat >"$dir/ringdns.toml" <<EOF
+# As the one-worker runs, with two workers (pinned to CPUs $client_cpu and $server_cpu).
+[server]
+listen = ["${addr[ringdns]}:53"]
+workers = 2
+io = "uring"
+
+[[forward]]
+zone = "."
+upstreams = ["$knot_addr:53"]
+transport = "udp"
+
+[metrics]
+listen = "${addr[ringdns]}:9253"
+
+[log]
+level = "info"
+EOF
+    note "=== ringdns, 2 workers (CPUs $client_cpu,$server_cpu; loadgen on CPU $client_cpu)"
+    start_pinned 600 "$client_cpu,$server_cpu" "$dir/server.log" "$bin/ringdns" run --config "$dir/ringdns.toml"
+    server_pid=$started_pid
+    wait_log "$dir/server.log" "ready udp=.*workers=2 io=uring"
+    wait_dns "${addr[ringdns]}" "$server_pid" "$dir/server.log"
+    # Each worker has its own cache shard: warm until both hold the hot set.
+    for pass in 1 2 3; do warm ringdns "warm-2w-$pass"; done
+    w0_ticks=$(thread_ticks "$server_pid" "ringdns-w$client_cpu")
+    w1_ticks=$(thread_ticks "$server_pid" "ringdns-w$server_cpu")
+    w0_queries=$(worker_queries 0)
+    w1_queries=$(worker_queries 1)
+    timeout 120 "$bin/loadgen" --server "${addr[ringdns]}:53" --cpu "$client_cpu" --json \
+        --queries "$tmp/hot.txt" --duration "$saturated_s" --max-queries 50000000 --sockets 64 --gso \
+        >"$tmp/ringdns.two-workers.json" 2>"$tmp/ringdns.two-workers.log" ||
+        { cat "$tmp/ringdns.two-workers.log" >&2; die "loadgen against two workers failed"; }
+    w0_ticks=$(($(thread_ticks "$server_pid" "ringdns-w$client_cpu") - w0_ticks))
+    w1_ticks=$(($(thread_ticks "$server_pid" "ringdns-w$server_cpu") - w1_ticks))
+    w0_queries=$(($(worker_queries 0) - w0_queries))
+    w1_queries=$(($(worker_queries 1) - w1_queries))
+    stop_pid "$server_pid"
+    jq -n --argjson hz "$hz" --argjson t0 "$w0_ticks" --argjson t1 "$w1_ticks" \
+        --argjson q0 "$w0_queries" --argjson q1 "$w1_queries" \
+        --slurpfile one "$tmp/ringdns.saturated.json" --slurpfile two "$tmp/ringdns.two-workers.json" '
+        ($one[0].server_ticks / $hz * 1e6 / $one[0].answered) as $c1
+        | ($t0 / $hz * 1e6 / ([$q0, 1] | max)) as $c0w
+        | ($t1 / $hz * 1e6 / ([$q1, 1] | max)) as $c1w
+        | (($q0 + $q1) | if . > 0 then . else 1 end) as $q
+        | ([($c0w * $q0 / $q), ($c1w * $q1 / $q)] | max) as $worst
+        | {one_worker_cpu_us: $c1, w0_cpu_us: $c0w, w1_cpu_us: $c1w, w0_share: ($q0 / $q),
+           w1_share: ($q1 / $q), answered: $two[0].answered, qps: $two[0].qps,
+           servfail: $two[0].rcodes.servfail, lost: $two[0].lost,
+           scaling: (if $worst > 0 then $c1 / $worst else null end)}' >"$tmp/ringdns.scaling.json"
+    scaling_line="$(jq -r '"two workers (loadgen shares CPU 0 with worker 0): \(.qps | floor) qps measured, \(.lost) lost; CPU µs/query worker 0 \(.w0_cpu_us * 100 | round / 100), worker 1 \(.w1_cpu_us * 100 | round / 100) (one worker saturated: \(.one_worker_cpu_us * 100 | round / 100)); split \(.w0_share * 100 | round)/\(.w1_share * 100 | round) %; derived scaling \(if .scaling then (.scaling * 100 | round / 100 | tostring) + "x" else "–" end) one worker"' "$tmp/ringdns.scaling.json")"
+    note "$scaling_line"
+fi
+
+# ---------------------------------------------------------------------------------------------
 # 3. The table.
 # CPU µs per answer of run $1 ("-" without answers).
 cpu_per_answer() {
@@ -594,6 +677,7 @@ done
 table="$(printf '%s\n' "$header" "$rule" "${rows[@]}")"
 echo
 echo "$table"
+[[ -n $scaling_line ]] && { echo; echo "$scaling_line"; }
 echo
 
 # ---------------------------------------------------------------------------------------------
@@ -617,6 +701,7 @@ if ((append)); then
         echo "- command: \`${saturated_args:+PERF_SATURATED_ARGS=\"$saturated_args\" }perf/run.sh ${RINGDNS_PERF_ARGS:-}\` (saturated ${saturated_s} s closed loop 8 sockets × 100 in flight; paced ${paced_rate} qps × ${paced_s} s; miss: ${miss_queries} distinct questions once each on a fresh server, closed loop 100 in flight; testdns -c 200 -d ${testdns_s})"
         echo
         echo "$table"
+        [[ -n $scaling_line ]] && { echo; echo "$scaling_line"; }
     } >>"$repo/perf/RESULTS.md"
     note "appended to perf/RESULTS.md"
 fi
