@@ -50,10 +50,10 @@ const TURN: Duration = Duration::from_millis(1);
 
 /// After a batch, wait up to this long in the kernel for more datagrams before returning to
 /// epoll: at moderate rates one wake-up then serves several queries (shared/ANCHORS.md: a
-/// 200 µs minimum wait halves CPU per query at 20k qps). 250 µs: at a paced 20k qps 9.1–9.5 µs
-/// per query with p99 424 µs, against 9.5–10.2 µs and p99 344–455 µs at 200 µs (perf/RESULTS.md,
-/// 2026-12-02); 350 µs pushed p99 past 500 µs.
-const LINGER: Duration = Duration::from_micros(250);
+/// 200 µs minimum wait halves CPU per query at 20k qps). 250 µs was tried (perf/RESULTS.md,
+/// 2026-12-02): 9.1–9.9 µs per query at a paced 20k qps against 9.5–10.2 µs, but p99 reached
+/// 602 µs in one of four runs, past the 500 µs budget; 200 µs kept p99 at 344–470 µs.
+const LINGER: Duration = Duration::from_micros(200);
 
 /// Completions that end a linger early.
 const LINGER_WANT: usize = 16;
