@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# A/B of ringdns builds on the miss path: runs each binary on the same 40,000-miss set, in
+# turn, N times, each run on a freshly started server inside its own network namespace
+# (loopback only), knotd and loadgen on CPU 0, ringdns on CPU 1 — perf/run.sh's miss method —
+# and prints CPU µs per miss per run: process utime+stime (ticks, as run.sh) and the sum of the
+# threads' on-CPU time from /proc/PID/task/*/schedstat (ns), with the worker/ctl split.
+#
+# Usage: perf/miss-ab.sh DIR [--runs N] [--transport udp|tcp] BIN...
+#   DIR  a temp dir kept by `perf/run.sh --keep` (zones, knot.conf, miss.txt)
+#   BIN  ringdns binaries to compare (copy them out of target/ first)
+# Needs root (unshare -n). Interleaves A B A B ... so slow drifts of the host hit all alike.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+die() { echo "miss-ab.sh: error: $*" >&2; exit 1; }
+
+if [[ "${RINGDNS_AB_IN_NETNS:-}" != 1 ]]; then
+    [[ $(id -u) == 0 ]] || die "needs root (unshare -n)"
+    exec unshare -n env RINGDNS_AB_IN_NETNS=1 "$0" "$@"
+fi
+
+dir="${1:-}"; shift || true
+[[ -f "$dir/knot/knot.conf" && -f "$dir/miss.txt" ]] || die "DIR must be a dir kept by perf/run.sh --keep"
+runs=3
+transport=udp
+binaries=()
+while (($#)); do
+    case "$1" in
+        --runs) runs="$2"; shift ;;
+        --transport) transport="$2"; shift ;;
+        *) [[ -x "$1" ]] || die "not an executable: $1"; binaries+=("$1") ;;
+    esac
+    shift
+done
+((${#binaries[@]} > 0)) || die "give at least one ringdns binary"
+loadgen="$repo/target/release/loadgen"
+[[ -x "$loadgen" ]] || die "build loadgen first: cargo build --release -p ringdns-loadgen"
+ip link set lo up
+work="$(mktemp -d /tmp/ringdns-ab.XXXXXX)"
+pids=()
+cleanup() {
+    local pid
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# Starts "$@" under timeout pinned to CPU $1, logging to $2; sets started to the process itself.
+start() {
+    local cpu="$1" log="$2"
+    shift 2
+    timeout -k 5 300 taskset -c "$cpu" "$@" >"$log" 2>&1 &
+    local wrapper=$!
+    pids+=("$wrapper")
+    started=""
+    for _ in $(seq 200); do
+        started="$(cat "/proc/$wrapper/task/$wrapper/children" 2>/dev/null | awk '{print $1}')"
+        [[ -n $started ]] && break
+        sleep 0.01
+    done
+    [[ -n $started ]] || { cat "$log" >&2; die "could not start: $*"; }
+    pids+=("$started")
+}
+stop() {
+    kill -TERM "$1" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.05; done
+    kill -KILL "$1" 2>/dev/null || true
+}
+ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+on_cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {print s}'; }
+thread_ns() {
+    local task
+    for task in /proc/"$1"/task/*; do
+        [[ "$(cat "$task/comm")" == "$2"* ]] && awk '{print $1}' "$task/schedstat" && return
+    done
+    echo 0
+}
+
+rm -f "$dir/knot/knot.pid"
+start 0 "$work/knotd.log" knotd -c "$dir/knot/knot.conf"
+knot=$started
+sleep 1
+cat >"$work/ringdns.toml" <<EOF
+[server]
+listen = ["127.0.0.2:53"]
+workers = 1
+io = "uring"
+
+[[forward]]
+zone = "."
+upstreams = ["127.0.0.10:53"]
+transport = "$transport"
+
+[metrics]
+listen = ""
+
+[log]
+level = "info"
+EOF
+hz=$(getconf CLK_TCK)
+misses=$(wc -l <"$dir/miss.txt")
+echo "transport=$transport misses/run=$misses runs=$runs"
+for ((run = 1; run <= runs; run++)); do
+    for binary in "${binaries[@]}"; do
+        start 1 "$work/ringdns.log" "$binary" run --config "$work/ringdns.toml"
+        server=$started
+        for _ in $(seq 100); do grep -q "ready udp" "$work/ringdns.log" && break; sleep 0.1; done
+        grep -q "ready udp" "$work/ringdns.log" || { cat "$work/ringdns.log" >&2; die "$binary did not start"; }
+        t0=$(ticks "$server"); n0=$(on_cpu_ns "$server")
+        w0=$(thread_ns "$server" ringdns-w); c0=$(thread_ns "$server" ringdns-ctl)
+        timeout 60 "$loadgen" --server 127.0.0.2:53 --cpu 0 --json --queries "$dir/miss.txt" \
+            --max-queries "$misses" --duration 30 --wait epoll --timeout-ms 2000 >"$work/lg.json" 2>/dev/null ||
+            die "loadgen failed against $binary"
+        t1=$(ticks "$server"); n1=$(on_cpu_ns "$server")
+        w1=$(thread_ns "$server" ringdns-w); c1=$(thread_ns "$server" ringdns-ctl)
+        stop "$server"
+        answered=$(grep -o '"answered":[0-9]*' "$work/lg.json" | cut -d: -f2)
+        awk -v b="$binary" -v t=$((t1 - t0)) -v n=$((n1 - n0)) -v w=$((w1 - w0)) -v c=$((c1 - c0)) \
+            -v a="$answered" -v hz="$hz" -v run="$run" 'BEGIN {
+            printf "run %d %s: answered=%d cpu_us/miss ticks=%.2f schedstat=%.2f (worker %.2f, ctl %.2f)\n",
+                run, b, a, t / hz * 1e6 / a, n / 1e3 / a, w / 1e3 / a, c / 1e3 / a }'
+    done
+done
+stop "$knot"
