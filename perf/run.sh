@@ -307,26 +307,35 @@ note "knotd up on $knot_addr:53 (CPU $client_cpu, pid $knot_pid)"
 
 # Writes the config of server $1 with upstream transport $2 (udp|tcp) into $3; prints the
 # command line that runs it.
-server_command() {
-    local name="$1" transport="$2" dir="$3" listen="${addr[$1]}"
-    mkdir -p "$dir"
-    case "$name" in
-        ringdns)
-            cat >"$dir/ringdns.toml" <<EOF
+# Writes ringdns' configuration $1 for the runs: $2 workers, upstream transport $3, metrics on
+# $4. NodeLocal DNSCache equivalent: cache defaults (9984 + 9984 entries, 30 s / 5 s caps).
+ringdns_config() {
+    cat >"$1" <<EOF
 # NodeLocal DNSCache equivalent: cache defaults (9984 + 9984 entries, 30 s / 5 s caps).
 [server]
-listen = ["$listen:53"]
-workers = 1
+listen = ["${addr[ringdns]}:53"]
+workers = $2
 io = "uring"
 
 [[forward]]
 zone = "."
 upstreams = ["$knot_addr:53"]
-transport = "$transport"
+transport = "$3"
+
+[metrics]
+listen = "$4"
 
 [log]
 level = "info"
 EOF
+}
+
+server_command() {
+    local name="$1" transport="$2" dir="$3" listen="${addr[$1]}"
+    mkdir -p "$dir"
+    case "$name" in
+        ringdns)
+            ringdns_config "$dir/ringdns.toml" 1 "$transport" "$listen:9253"
             echo "$bin/ringdns run --config $dir/ringdns.toml" ;;
         unbound)
             local tcp_upstream=no
@@ -568,24 +577,8 @@ if [[ " ${servers[*]} " == *" ringdns "* && -f "$tmp/ringdns.saturated.json" ]];
     wait_idle 5
     dir="$tmp/ringdns-2w"
     mkdir -p "$dir"
-    cat >"$dir/ringdns.toml" <<EOF
-# As the one-worker runs, with two workers (pinned to CPUs $client_cpu and $server_cpu).
-[server]
-listen = ["${addr[ringdns]}:53"]
-workers = 2
-io = "uring"
-
-[[forward]]
-zone = "."
-upstreams = ["$knot_addr:53"]
-transport = "udp"
-
-[metrics]
-listen = "${addr[ringdns]}:9253"
-
-[log]
-level = "info"
-EOF
+    # As the one-worker runs, with two workers (pinned to CPUs $client_cpu and $server_cpu).
+    ringdns_config "$dir/ringdns.toml" 2 udp "${addr[ringdns]}:9253"
     note "=== ringdns, 2 workers (CPUs $client_cpu,$server_cpu; loadgen on CPU $client_cpu)"
     start_pinned 600 "$client_cpu,$server_cpu" "$dir/server.log" "$bin/ringdns" run --config "$dir/ringdns.toml"
     server_pid=$started_pid
