@@ -13,6 +13,8 @@
 #   --no-append  print the table but do not append it to perf/RESULTS.md
 #   --profile    also `perf record` ringdns during each of its runs (implies --keep
 #                and --no-append: profiling perturbs the numbers); reports in the temp dir
+#   --repeats N  run the paced and miss measurements N times and show the median (default 3;
+#                --short: 1); every run's value goes to RESULTS.md
 #   --install    apt-get install the Debian packages this needs, then exit
 # Needs root (unshare -n / -m, binding port 53). See perf/README.md for what each number means.
 set -euo pipefail
@@ -30,6 +32,7 @@ build=1
 keep=0
 append=1
 profile=0
+repeats=""
 args=("$@")
 while (($#)); do
     case "$1" in
@@ -39,10 +42,11 @@ while (($#)); do
         --keep) keep=1 ;;
         --no-append) append=0 ;;
         --profile) profile=1; keep=1; append=0 ;;
+        --repeats) [[ $# -ge 2 && $2 =~ ^[1-9]$ ]] || die "--repeats needs 1..9"; repeats="$2"; shift ;;
         --install)
             apt-get install -y "${apt_packages[@]}"
             exit 0 ;;
-        -h|--help) sed -n '2,19p' "$self"; exit 0 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$self" | sed '$d'; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
     shift
@@ -92,6 +96,11 @@ if ((short)); then
     saturated_s=3; paced_s=5; testdns_s=3
 else
     saturated_s=10; paced_s=10; testdns_s=10
+fi
+# Paced and miss runs are repeated and the median (by CPU per answer) is shown: single runs of
+# those moved by ±5–10 % from one to the next on an idle host.
+if [[ -z $repeats ]]; then
+    if ((short)); then repeats=1; else repeats=3; fi
 fi
 paced_rate=20000
 paced_queries=$((paced_rate * paced_s))
@@ -428,6 +437,23 @@ measure() {
     done
 }
 
+# Of the runs $2-r1 .. $2-r$repeats of server $1, copies the one with the median CPU per answer
+# to $tmp/$1.$2.json (what the table reads) and keeps every run's CPU per answer in
+# repeat_values["$1 $2"] for RESULTS.md.
+declare -A repeat_values=()
+pick_median() {
+    local name="$1" label="$2" repeat file median
+    local -a files=()
+    for ((repeat = 1; repeat <= repeats; repeat++)); do files+=("$tmp/$name.$label-r$repeat.json"); done
+    median="$(for file in "${files[@]}"; do
+        jq -r --arg file "$file" '"\(.server_ticks / ([.answered, 1] | max)) \($file)"' "$file"
+    done | sort -g | awk -v n="${#files[@]}" 'NR == int((n + 1) / 2) { print $2 }')"
+    cp "$median" "$tmp/$name.$label.json"
+    repeat_values["$name $label"]="$(for file in "${files[@]}"; do
+        jq -r --argjson hz "$hz" 'if .answered > 0 then (.server_ticks / $hz * 1e6 / .answered * 100 | round / 100) else "-" end' "$file"
+    done | paste -sd ' ')"
+}
+
 # Runs loadgen against $1 (server name), label $2, the rest loadgen arguments; writes
 # $tmp/$1.$2.json with the server's CPU ticks added as "server_ticks" and the UDP receive
 # buffer overflows of the namespace during the run as "rcvbuf_errors".
@@ -520,8 +546,11 @@ for name in "${servers[@]}"; do
     measure "$name" saturated --queries "$tmp/hot.txt" --duration "$saturated_s" --max-queries 50000000 \
         $saturated_args
     [[ $name != echo ]] && warm "$name" warm2
-    measure "$name" paced --queries "$tmp/hot.txt" --rate "$paced_rate" --duration "$paced_s" \
-        --max-queries "$paced_queries"
+    for ((repeat = 1; repeat <= repeats; repeat++)); do
+        measure "$name" "paced-r$repeat" --queries "$tmp/hot.txt" --rate "$paced_rate" \
+            --duration "$paced_s" --max-queries "$paced_queries"
+    done
+    pick_median "$name" paced
     if [[ $name != echo ]]; then
         run_testdns "$name" 5000
         run_testdns "$name" 1000
@@ -530,20 +559,25 @@ for name in "${servers[@]}"; do
     stop_pid "$server_pid"
     if [[ $name != echo ]]; then
         for transport in udp tcp; do
-            attempt_started=$SECONDS
-            while true; do
-                start_server "$name" "$transport"
-                # Closed loop, 100 in flight, each distinct question once, on a fresh server;
-                # the client sleeps in epoll so knotd (on the client's core) is not starved.
-                measure_once "$name" "miss-$transport" --queries "$tmp/miss.txt" \
-                    --max-queries "$miss_queries" --duration 30 --wait epoll --timeout-ms 2000
-                stop_pid "$server_pid"
-                contaminated "$tmp/$name.miss-$transport.json" && retry_left || break
-                note "$name miss-$transport was disturbed by other work on the host; measuring again"
-                wait_idle 10
-                retry_spent=$((retry_spent + SECONDS - attempt_started))
+            for ((repeat = 1; repeat <= repeats; repeat++)); do
+                label="miss-$transport-r$repeat"
                 attempt_started=$SECONDS
+                while true; do
+                    start_server "$name" "$transport"
+                    # Closed loop, 100 in flight, each distinct question once, on a fresh
+                    # server; the client sleeps in epoll so knotd (on the client's core) is not
+                    # starved.
+                    measure_once "$name" "$label" --queries "$tmp/miss.txt" \
+                        --max-queries "$miss_queries" --duration 30 --wait epoll --timeout-ms 2000
+                    stop_pid "$server_pid"
+                    contaminated "$tmp/$name.$label.json" && retry_left || break
+                    note "$name $label was disturbed by other work on the host; measuring again"
+                    wait_idle 10
+                    retry_spent=$((retry_spent + SECONDS - attempt_started))
+                    attempt_started=$SECONDS
+                done
             done
+            pick_median "$name" "miss-$transport"
         done
     fi
 done
@@ -668,8 +702,19 @@ for name in "${servers[@]}"; do
 done
 
 table="$(printf '%s\n' "$header" "$rule" "${rows[@]}")"
+repeats_line=""
+if ((repeats > 1)); then
+    repeats_line="each run of the repeated measurements (CPU µs per answer; the table shows the median):"
+    for name in "${servers[@]}"; do
+        for run in paced miss-udp miss-tcp; do
+            [[ -n ${repeat_values["$name $run"]:-} ]] &&
+                repeats_line+=" $name $run ${repeat_values["$name $run"]// / / };"
+        done
+    done
+fi
 echo
 echo "$table"
+[[ -n $repeats_line ]] && { echo; echo "$repeats_line"; }
 [[ -n $scaling_line ]] && { echo; echo "$scaling_line"; }
 echo
 
@@ -691,9 +736,10 @@ if ((append)); then
         echo "- commit: $commit; ringdns binary sha256 $ringdns_binary"
         echo "- other load on the host before the run: ${host_busy_start:-?}% busy (1 s sample)"
         echo "- pinned: server under test CPU $server_cpu; loadgen, testdns and knotd CPU $client_cpu"
-        echo "- command: \`${saturated_args:+PERF_SATURATED_ARGS=\"$saturated_args\" }perf/run.sh ${RINGDNS_PERF_ARGS:-}\` (saturated ${saturated_s} s closed loop 8 sockets × 100 in flight; paced ${paced_rate} qps × ${paced_s} s; miss: ${miss_queries} distinct questions once each on a fresh server, closed loop 100 in flight; testdns -c 200 -d ${testdns_s})"
+        echo "- command: \`${saturated_args:+PERF_SATURATED_ARGS=\"$saturated_args\" }perf/run.sh ${RINGDNS_PERF_ARGS:-}\` (saturated ${saturated_s} s closed loop 8 sockets × 100 in flight; paced ${paced_rate} qps × ${paced_s} s; miss: ${miss_queries} distinct questions once each on a fresh server, closed loop 100 in flight; paced and miss runs ×${repeats}, median shown; testdns -c 200 -d ${testdns_s})"
         echo
         echo "$table"
+        [[ -n $repeats_line ]] && { echo; echo "$repeats_line"; }
         [[ -n $scaling_line ]] && { echo; echo "$scaling_line"; }
     } >>"$repo/perf/RESULTS.md"
     note "appended to perf/RESULTS.md"
