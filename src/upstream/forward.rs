@@ -468,21 +468,23 @@ async fn exchange(
     question: &Question,
     slice: Duration,
 ) -> Result<Vec<u8>, Error> {
-    // The TCP futures are boxed, not inlined: inline they made every UDP attempt a 2 KB future,
-    // past glibc's per-thread cache (tcache, <= 1032 bytes), so each miss paid malloc's slow
-    // path and fastbin consolidation (~10 % of miss CPU in perf/RESULTS.md's profile).
+    // Every arm stays inline: no two of their sub-futures are alive at once, so the attempt is
+    // only as large as the largest (the TCP exchange), within glibc's per-thread cache (tcache,
+    // <= 1,032 bytes); `prefer_udp` boxes the TCP exchange it runs beside UDP. Before, a 2 KB
+    // attempt made each miss pay malloc's slow path and fastbin consolidation (~10 % of miss CPU
+    // in perf/RESULTS.md's profile). `per_request_futures_stay_small` keeps it so.
     match transport {
-        Transport::Tcp => Box::pin(upstream.tcp.exchange(query, question, slice)).await,
+        Transport::Tcp => upstream.tcp.exchange(query, question, slice).await,
         Transport::Udp => {
             let answer = upstream.udp.exchange(query, question).await?;
             if route::is_truncated(&answer) {
                 upstream.stats.borrow_mut().truncated += 1;
-                Box::pin(upstream.tcp.exchange(query, question, slice)).await
+                upstream.tcp.exchange(query, question, slice).await
             } else {
                 Ok(answer)
             }
         }
-        Transport::PreferUdp => Box::pin(prefer_udp(upstream, query, question, slice)).await,
+        Transport::PreferUdp => prefer_udp(upstream, query, question, slice).await,
     }
 }
 
@@ -500,17 +502,18 @@ async fn prefer_udp(
         result = &mut udp => Some(result),
         () = tokio::time::sleep(slice / 2) => None,
     };
+    // The TCP exchanges are boxed: inline, each would sit beside the pinned UDP exchange and
+    // make every prefer_udp attempt a 2 KB future (see `exchange`).
     match first {
         Some(Ok(answer)) if !route::is_truncated(&answer) => return Ok(answer),
         Some(Ok(_)) => {
             upstream.stats.borrow_mut().truncated += 1;
-            return upstream.tcp.exchange(query, question, slice).await;
+            return Box::pin(upstream.tcp.exchange(query, question, slice)).await;
         }
-        Some(Err(_)) => return upstream.tcp.exchange(query, question, slice).await,
+        Some(Err(_)) => return Box::pin(upstream.tcp.exchange(query, question, slice)).await,
         None => {}
     }
-    let tcp = upstream.tcp.exchange(query, question, slice);
-    tokio::pin!(tcp);
+    let mut tcp = Box::pin(upstream.tcp.exchange(query, question, slice));
     let mut udp_done = false;
     // At most two rounds: each disables one branch, and the second round always returns.
     loop {
@@ -623,7 +626,9 @@ mod tests {
     }
 
     /// Every miss allocates its request task and its attempt; both must stay within glibc's
-    /// per-thread cache (1032 bytes) or each miss takes malloc's slow path (see `exchange`).
+    /// per-thread cache (1032 bytes) or each miss takes malloc's slow path (see `exchange`). The
+    /// attempts hold their exchanges inline, so this bounds the UDP and TCP exchanges and
+    /// `prefer_udp` too.
     #[test]
     fn per_request_futures_stay_small() {
         const TCACHE_MAX: usize = 1032;
