@@ -45,7 +45,7 @@ pub fn probe_uring() -> Result<(), String> {
 }
 
 /// Longest a worker stays in its io_uring loop before letting its other tasks (TCP, tick)
-/// run; waiting control replies end the turn.
+/// run; an upstream answer for a TCP client ends the turn early.
 const TURN: Duration = Duration::from_millis(1);
 
 /// After a batch, wait up to this long in the kernel for more datagrams before returning to
@@ -189,7 +189,7 @@ pub(crate) struct Shared {
     tcp_tasks: Vec<Option<AbortHandle>>,
     /// To the control side (its eventfd).
     control_wake: Arc<EventFd>,
-    /// A clone of this worker's reply channel, so the ring loop can see that replies wait.
+    /// A clone of this worker's reply channel, so the ring loop can take upstream replies itself.
     replies: crossbeam_channel::Receiver<Reply>,
 }
 
@@ -222,7 +222,7 @@ impl Shared {
             stats,
             ..
         } = self;
-        deliver(handler, udp, tcp, out, stats, reply, now);
+        let _ = deliver(handler, udp, tcp, out, stats, reply, now);
     }
 
     /// Answers SERVFAIL to clients whose miss has outlived its deadline.
@@ -252,6 +252,8 @@ impl Udp {
 }
 
 /// [`Shared::deliver`] on the fields it needs (the ring loop holds the others borrowed).
+/// Returns whether an answer was queued for a TCP client: its connection's writer task runs
+/// only once the caller gives tokio the thread back.
 fn deliver(
     handler: &mut Handler,
     udp: &mut Udp,
@@ -260,10 +262,13 @@ fn deliver(
     stats: &WorkerStats,
     reply: Reply,
     now: Instant,
-) {
+) -> bool {
+    let mut to_tcp = false;
     handler.handle_reply(reply, now, out, &mut |origin, bytes| {
+        to_tcp |= matches!(origin, Origin::Tcp { .. });
         send_parked(udp, tcp, stats, origin, bytes);
     });
+    to_tcp
 }
 
 /// Sends an answer to a client that was parked on a miss.
@@ -604,8 +609,9 @@ fn ring_turn(shared: &RefCell<Shared>) -> bool {
         // eventfd wake-up (which then finds the channel empty). `try_recv` only: replies
         // never block the ring.
         let mut delivered = 0usize;
+        let mut to_tcp = false;
         while let Ok(reply) = replies.try_recv() {
-            deliver(handler, udp, tcp, out, stats, reply, now);
+            to_tcp |= deliver(handler, udp, tcp, out, stats, reply, now);
             delivered += 1;
         }
         let Udp::Uring(ring) = udp else {
@@ -615,8 +621,9 @@ fn ring_turn(shared: &RefCell<Shared>) -> bool {
             ring.flush();
             return false;
         }
-        // Leave for tokio after a turn (TCP and the tick run there).
-        if now.duration_since(turn) >= TURN {
+        // Leave for tokio after a turn (TCP and the tick run there), or at once when an answer
+        // waits for a TCP connection's writer, which runs there.
+        if to_tcp || now.duration_since(turn) >= TURN {
             ring.flush();
             return true;
         }
