@@ -887,6 +887,10 @@ pub enum ZoneProblem {
     /// A character other than a letter, digit, `-` or `_`.
     #[error("character {0:?} is not allowed (letters, digits, '-', '_')")]
     BadCharacter(char),
+    /// A deployment placeholder such as `__PILLAR__DNS__DOMAIN__` that nobody filled in: a valid
+    /// label, but no query would ever match it, so the zone's queries would go elsewhere.
+    #[error("{0} is an unfilled placeholder (fill it in first, deploy/README.md)")]
+    Placeholder(String),
 }
 
 /// Why [`parse_duration`] rejected a string.
@@ -1951,6 +1955,12 @@ fn normalize_zone(text: &str) -> Result<String, ZoneProblem> {
         return Ok(".".to_owned());
     }
     let name = text.strip_suffix('.').unwrap_or(text);
+    if let Some(label) = name
+        .split('.')
+        .find(|label| label.starts_with("__PILLAR__"))
+    {
+        return Err(ZoneProblem::Placeholder(label.to_owned()));
+    }
     if name.len() > 253 {
         return Err(ZoneProblem::NameTooLong { len: name.len() });
     }
@@ -2681,6 +2691,17 @@ mod tests {
             error_of("[[forward]]\nzone = \"bad!\"\nupstreams = [\"192.0.2.1\"]\n")
                 .starts_with("/etc/ringdns.toml:2: forward[0].zone: \"bad!\" is not a zone name")
         );
+        assert_eq!(
+            normalize_zone("__PILLAR__DNS__DOMAIN__"),
+            Err(ZoneProblem::Placeholder(
+                "__PILLAR__DNS__DOMAIN__".to_owned()
+            ))
+        );
+        assert!(error_of(
+            "[[forward]]\nzone = \"svc.__PILLAR__DNS__DOMAIN__\"\nupstreams = [\"192.0.2.1\"]\n"
+        )
+        .starts_with("/etc/ringdns.toml:2: forward[0].zone: \"svc.__PILLAR__DNS__DOMAIN__\" is not a zone name: __PILLAR__DNS__DOMAIN__ is an unfilled placeholder"));
+        assert!(normalize_zone("_pillar_.example").is_ok());
     }
 
     #[test]

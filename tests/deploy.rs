@@ -478,6 +478,29 @@ fn placeholder_left_in_config_map_config_fails_naming_its_line() -> anyhow::Resu
 }
 
 #[test]
+fn domain_placeholder_left_in_config_map_config_fails_naming_its_line() -> anyhow::Result<()> {
+    let config = config_map_config(&repo_file("deploy/ringdns.yaml")?)?;
+    let line = config
+        .lines()
+        .position(|line| line.contains("__PILLAR__DNS__DOMAIN__"))
+        .context("no __PILLAR__DNS__DOMAIN__ in the ConfigMap config")?
+        + 1;
+    let partly = config
+        .replace("__PILLAR__LOCAL__DNS__", LOCAL_DNS)
+        .replace("__PILLAR__DNS__SERVER__", DNS_SERVER)
+        .replace("__PILLAR__CLUSTER__DNS__", CLUSTER_DNS);
+    let scratch = Scratch::new()?;
+    let path = scratch.config(&partly)?;
+    let error = rejection(&path, None)?;
+    let expected = format!("{}:{line}: forward[0].zone", path.display());
+    assert!(
+        error.contains(&expected) && error.contains("unfilled placeholder"),
+        "want {expected:?} and the reason in {error:?}"
+    );
+    Ok(())
+}
+
+#[test]
 fn iptables_mode_sed_forwards_to_the_upstream_service_from_the_environment() -> anyhow::Result<()> {
     let scratch = Scratch::new()?;
     let manifest = sed_filled_manifest(&scratch, &documented_sed(IPTABLES_MODE_MARKER)?)?;
