@@ -199,13 +199,31 @@ fn config_map_config(yaml: &str) -> anyhow::Result<String> {
     literal_block(document(yaml, "ConfigMap")?, "config.toml")
 }
 
+/// The placeholders and their test values; `cluster_dns` for the cluster zones' upstream.
+fn test_values(cluster_dns: &str) -> [(&'static str, &str); 4] {
+    [
+        ("__PILLAR__LOCAL__DNS__", LOCAL_DNS),
+        ("__PILLAR__DNS__SERVER__", DNS_SERVER),
+        ("__PILLAR__DNS__DOMAIN__", DNS_DOMAIN),
+        ("__PILLAR__CLUSTER__DNS__", cluster_dns),
+    ]
+}
+
+/// `text` with every placeholder but `left` filled with the test values; `cluster_dns` for the
+/// cluster zones' upstream.
+fn fill_but(text: &str, cluster_dns: &str, left: Option<&str>) -> String {
+    test_values(cluster_dns)
+        .iter()
+        .filter(|(placeholder, _)| Some(*placeholder) != left)
+        .fold(text.to_owned(), |text, (placeholder, value)| {
+            text.replace(placeholder, value)
+        })
+}
+
 /// `text` with every placeholder filled with the test values; `cluster_dns` for the cluster
 /// zones' upstream.
 fn fill(text: &str, cluster_dns: &str) -> String {
-    text.replace("__PILLAR__LOCAL__DNS__", LOCAL_DNS)
-        .replace("__PILLAR__DNS__SERVER__", DNS_SERVER)
-        .replace("__PILLAR__DNS__DOMAIN__", DNS_DOMAIN)
-        .replace("__PILLAR__CLUSTER__DNS__", cluster_dns)
+    fill_but(text, cluster_dns, None)
 }
 
 /// The placeholders (`__PILLAR__NAME__`) left in `text`.
@@ -457,42 +475,34 @@ fn unknown_key_in_config_map_config_fails_naming_file_and_line() -> anyhow::Resu
     Ok(())
 }
 
-#[test]
-fn placeholder_left_in_config_map_config_fails_naming_its_line() -> anyhow::Result<()> {
+/// Fills every placeholder of the ConfigMap config but `left`, runs `ringdns check` on it and
+/// returns the error and the `file:line` where `left` stands.
+fn rejection_with_placeholder_left(left: &str) -> anyhow::Result<(String, String)> {
     let config = config_map_config(&repo_file("deploy/ringdns.yaml")?)?;
     let line = config
         .lines()
-        .position(|line| line.contains("__PILLAR__DNS__SERVER__"))
-        .context("no __PILLAR__DNS__SERVER__ in the ConfigMap config")?
+        .position(|line| line.contains(left))
+        .with_context(|| format!("no {left} in the ConfigMap config"))?
         + 1;
-    let partly = config
-        .replace("__PILLAR__LOCAL__DNS__", LOCAL_DNS)
-        .replace("__PILLAR__DNS__DOMAIN__", DNS_DOMAIN)
-        .replace("__PILLAR__CLUSTER__DNS__", CLUSTER_DNS);
+    let partly = fill_but(&config, CLUSTER_DNS, Some(left));
     let scratch = Scratch::new()?;
     let path = scratch.config(&partly)?;
     let error = rejection(&path, None)?;
-    let expected = format!("{}:{line}: server.listen", path.display());
+    Ok((error, format!("{}:{line}", path.display())))
+}
+
+#[test]
+fn placeholder_left_in_config_map_config_fails_naming_its_line() -> anyhow::Result<()> {
+    let (error, at) = rejection_with_placeholder_left("__PILLAR__DNS__SERVER__")?;
+    let expected = format!("{at}: server.listen");
     assert!(error.contains(&expected), "want {expected:?} in {error:?}");
     Ok(())
 }
 
 #[test]
 fn domain_placeholder_left_in_config_map_config_fails_naming_its_line() -> anyhow::Result<()> {
-    let config = config_map_config(&repo_file("deploy/ringdns.yaml")?)?;
-    let line = config
-        .lines()
-        .position(|line| line.contains("__PILLAR__DNS__DOMAIN__"))
-        .context("no __PILLAR__DNS__DOMAIN__ in the ConfigMap config")?
-        + 1;
-    let partly = config
-        .replace("__PILLAR__LOCAL__DNS__", LOCAL_DNS)
-        .replace("__PILLAR__DNS__SERVER__", DNS_SERVER)
-        .replace("__PILLAR__CLUSTER__DNS__", CLUSTER_DNS);
-    let scratch = Scratch::new()?;
-    let path = scratch.config(&partly)?;
-    let error = rejection(&path, None)?;
-    let expected = format!("{}:{line}: forward[0].zone", path.display());
+    let (error, at) = rejection_with_placeholder_left("__PILLAR__DNS__DOMAIN__")?;
+    let expected = format!("{at}: forward[0].zone");
     assert!(
         error.contains(&expected) && error.contains("unfilled placeholder"),
         "want {expected:?} and the reason in {error:?}"

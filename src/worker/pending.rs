@@ -4,10 +4,10 @@
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-
-use hashbrown::HashTable;
 use std::net::SocketAddr;
 use std::time::Instant;
+
+use hashbrown::HashTable;
 
 /// Where a query came from, so its answer can go back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +71,7 @@ impl Waiters {
     }
 
     /// The clients, first one first.
-    pub fn iter(&self) -> impl Iterator<Item = &Waiter> {
+    pub fn iter(&self) -> WaitersIter<'_> {
         std::iter::once(&self.first).chain(self.rest.iter())
     }
 
@@ -81,12 +81,16 @@ impl Waiters {
     }
 }
 
+/// What [`Waiters::iter`] returns.
+pub type WaitersIter<'a> =
+    std::iter::Chain<std::iter::Once<&'a Waiter>, std::slice::Iter<'a, Waiter>>;
+
 impl<'a> IntoIterator for &'a Waiters {
     type Item = &'a Waiter;
-    type IntoIter = std::iter::Chain<std::iter::Once<&'a Waiter>, std::slice::Iter<'a, Waiter>>;
+    type IntoIter = WaitersIter<'a>;
 
     fn into_iter(self) -> Self::IntoIter {
-        std::iter::once(&self.first).chain(self.rest.iter())
+        self.iter()
     }
 }
 
