@@ -71,7 +71,9 @@ on_cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {print s}'; }
 thread_ns() {
     local task
     for task in /proc/"$1"/task/*; do
-        [[ "$(cat "$task/comm")" == "$2"* ]] && awk '{print $1}' "$task/schedstat" && return
+        # shellcheck disable=SC2053 # $2 is a glob: the main thread's name (the binary's) must
+        # not match the worker's pattern, whatever the binary is called.
+        [[ "$(cat "$task/comm")" == $2 ]] && awk '{print $1}' "$task/schedstat" && return
     done
     echo 0
 }
@@ -107,12 +109,12 @@ for ((run = 1; run <= runs; run++)); do
         for _ in $(seq 100); do grep -q "ready udp" "$work/ringdns.log" && break; sleep 0.1; done
         grep -q "ready udp" "$work/ringdns.log" || { cat "$work/ringdns.log" >&2; die "$binary did not start"; }
         t0=$(ticks "$server"); n0=$(on_cpu_ns "$server")
-        w0=$(thread_ns "$server" ringdns-w); c0=$(thread_ns "$server" ringdns-ctl)
+        w0=$(thread_ns "$server" 'ringdns-w[0-9]*'); c0=$(thread_ns "$server" ringdns-ctl)
         timeout 60 "$loadgen" --server 127.0.0.2:53 --cpu 0 --json --queries "$dir/miss.txt" \
             --max-queries "$misses" --duration 30 --wait epoll --timeout-ms 2000 >"$work/lg.json" 2>/dev/null ||
             die "loadgen failed against $binary"
         t1=$(ticks "$server"); n1=$(on_cpu_ns "$server")
-        w1=$(thread_ns "$server" ringdns-w); c1=$(thread_ns "$server" ringdns-ctl)
+        w1=$(thread_ns "$server" 'ringdns-w[0-9]*'); c1=$(thread_ns "$server" ringdns-ctl)
         stop "$server"
         answered=$(grep -o '"answered":[0-9]*' "$work/lg.json" | cut -d: -f2)
         awk -v b="$binary" -v t=$((t1 - t0)) -v n=$((n1 - n0)) -v w=$((w1 - w0)) -v c=$((c1 - c0)) \
