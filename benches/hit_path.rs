@@ -81,7 +81,6 @@ fn upstream_answer(upstream_query: &[u8]) -> Vec<u8> {
 
 /// A handler whose cache holds `QNAME` A, warmed through the miss → reply path at `now`.
 fn warmed_handler(now: Instant) -> Handler {
-    let (requests, upstream) = crossbeam_channel::bounded(16);
     let settings = Settings {
         udp_payload: UDP_PAYLOAD,
         limits: limits(),
@@ -89,7 +88,7 @@ fn warmed_handler(now: Instant) -> Handler {
         max_misses: 64,
         max_waiters: 8,
     };
-    let mut handler = Handler::new(0, settings, requests, Arc::new(WorkerStats::default()));
+    let mut handler = Handler::new(0, settings, Arc::new(WorkerStats::default()));
     let origin = Origin::Udp {
         socket: 0,
         peer: SocketAddr::from(([127, 0, 0, 1], 40000)),
@@ -97,7 +96,9 @@ fn warmed_handler(now: Instant) -> Handler {
     let mut out = vec![0u8; 65535];
     let action = handler.handle_query(&query(1, QNAME, true), now, origin, &mut out);
     assert_eq!(action, Action::Parked, "the first query is a miss");
-    let request = upstream.try_recv().expect("the miss went upstream");
+    let mut requests = Vec::new();
+    handler.take_requests(&mut requests);
+    let request = requests.pop().expect("the miss went upstream");
     let reply = Reply {
         token: request.token,
         outcome: Outcome::Answer(upstream_answer(&request.query)),

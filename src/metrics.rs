@@ -644,10 +644,9 @@ fn cache_series(out: &mut Families, workers: &[Arc<WorkerStats>], layout: &Layou
 fn proxy_series(out: &mut Families, sources: &Sources) {
     let mut durations = Vec::new();
     let mut failures = Vec::new();
-    for upstream in &sources.upstreams {
-        let to = upstream.addr().to_string();
-        for (rcode, rcode_name) in RCODE_NAMES.iter().enumerate() {
-            let counts = upstream.durations(rcode);
+    for upstream in by_upstream(&sources.upstreams) {
+        let to = upstream.addr.to_string();
+        for (counts, rcode_name) in upstream.durations.into_iter().zip(RCODE_NAMES.iter()) {
             if counts.count() > 0 {
                 durations.push((
                     vec![
@@ -661,7 +660,7 @@ fn proxy_series(out: &mut Families, sources: &Sources) {
         }
         failures.push((
             vec![("proxy_name", "forward".to_owned()), ("to", to)],
-            upstream.failures(),
+            upstream.failures,
         ));
     }
     let bounds: Vec<f64> = (0..DURATION_BUCKETS).map(duration_bound_secs).collect();
@@ -685,6 +684,50 @@ fn proxy_series(out: &mut Families, sources: &Sources) {
             sum(&sources.workers, |w| w.read(Counter::Overloaded)),
         )],
     );
+}
+
+/// One upstream address's series summed over their writers.
+struct UpstreamTotals {
+    /// The upstream.
+    addr: SocketAddr,
+    /// Per rcode (`RCODE_NAMES` order): exchange durations.
+    durations: Vec<HistogramCounts>,
+    /// Failed or timed-out attempts.
+    failures: u64,
+    /// Open pooled TCP connections.
+    connections: u64,
+}
+
+/// Sums the series of each upstream address over its writers (the control side and every
+/// worker that queries it over UDP itself), in order of first appearance.
+fn by_upstream(upstreams: &[Arc<UpstreamMetrics>]) -> Vec<UpstreamTotals> {
+    let mut totals: Vec<UpstreamTotals> = Vec::new();
+    for upstream in upstreams {
+        let position = match totals
+            .iter()
+            .position(|total| total.addr == upstream.addr())
+        {
+            Some(position) => position,
+            None => {
+                totals.push(UpstreamTotals {
+                    addr: upstream.addr(),
+                    durations: (0..RCODE_NAMES.len())
+                        .map(|_| HistogramCounts::zeroed(DURATION_BUCKETS + 1))
+                        .collect(),
+                    failures: 0,
+                    connections: 0,
+                });
+                totals.len() - 1
+            }
+        };
+        let total = &mut totals[position];
+        for (rcode, counts) in total.durations.iter_mut().enumerate() {
+            counts.merge(&upstream.durations(rcode));
+        }
+        total.failures += upstream.failures();
+        total.connections += upstream.connections();
+    }
+    totals
 }
 
 /// `coredns_health_*`, `coredns_reload_failed_total`, `coredns_nodecache_setup_errors_total`.
@@ -855,13 +898,12 @@ fn ringdns_series(out: &mut Families, sources: &Sources, now: Instant) {
     out.gauge(
         "ringdns_upstream_pool_connections",
         "Open pooled TCP connections per upstream.",
-        sources
-            .upstreams
-            .iter()
+        by_upstream(&sources.upstreams)
+            .into_iter()
             .map(|upstream| {
                 (
-                    vec![("upstream", upstream.addr().to_string())],
-                    upstream.connections() as f64,
+                    vec![("upstream", upstream.addr.to_string())],
+                    upstream.connections as f64,
                 )
             })
             .collect(),
@@ -1184,6 +1226,51 @@ mod tests {
         ] {
             assert_eq!(value(&text, &series), Some(expected), "{series}\n{text}");
         }
+    }
+
+    #[test]
+    fn an_upstream_written_by_control_and_workers_is_one_series() {
+        let addr = SocketAddr::from(([10, 96, 0, 10], 53));
+        let control = Arc::new(UpstreamMetrics::new(addr));
+        let worker = Arc::new(UpstreamMetrics::new(addr));
+        let other = Arc::new(UpstreamMetrics::new(SocketAddr::from(([10, 0, 0, 2], 53))));
+        control.observe(0, Duration::from_micros(300));
+        worker.observe(0, Duration::from_micros(400));
+        worker.record_failure();
+        control.set_connections(2);
+        let text = render(
+            &Sources {
+                workers: vec![stats()],
+                upstreams: vec![control, other, worker],
+                control: Arc::new(ControlMetrics::default()),
+            },
+            Instant::now(),
+        );
+        let to = r#"proxy_name="forward",to="10.96.0.10:53""#;
+        let count =
+            format!(r#"coredns_proxy_request_duration_seconds_count{{{to},rcode="NOERROR"}}"#);
+        assert_eq!(value(&text, &count), Some(2.0), "{text}");
+        let failures = format!("coredns_proxy_healthcheck_failures_total{{{to}}}");
+        assert_eq!(value(&text, &failures), Some(1.0), "{text}");
+        let lines = text
+            .lines()
+            .filter(|line| line.starts_with(&failures))
+            .count();
+        assert_eq!(lines, 1, "one series per upstream address:\n{text}");
+        assert_eq!(
+            value(
+                &text,
+                r#"ringdns_upstream_pool_connections{upstream="10.96.0.10:53"}"#
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"coredns_proxy_healthcheck_failures_total{proxy_name="forward",to="10.0.0.2:53"}"#
+            ),
+            Some(0.0)
+        );
     }
 
     #[test]

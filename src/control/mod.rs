@@ -36,6 +36,7 @@ use crate::metrics::{ControlMetrics, Sources};
 use crate::upstream::{self, ControlLink, UpstreamSide, WorkerLink};
 use crate::worker::handler::Settings;
 use crate::worker::stats::{Layout, WorkerStats, Zones};
+use crate::worker::upstream::ForwardSetup;
 use crate::worker::{self, sockets, Backend, Command, WorkerSetup};
 
 use self::node::{Node, NodeStats};
@@ -141,6 +142,8 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let mut links = Vec::with_capacity(workers);
     let mut command_senders = Vec::with_capacity(workers);
     let mut all_stats = Vec::with_capacity(workers);
+    // Each worker's own series of the upstreams it queries over UDP itself.
+    let mut worker_upstreams = Vec::new();
     let mut small_buffers = Vec::new();
     let (ready_tx, ready_rx) = crossbeam_channel::bounded(workers);
     // Observability: every worker's series share one layout (listen addresses × zones).
@@ -171,6 +174,8 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         });
         command_senders.push((command_tx, wake.clone()));
         all_stats.push(stats.clone());
+        let forward = ForwardSetup::new(config.forward.clone(), config.server.udp_payload);
+        worker_upstreams.extend(forward.metrics.iter().cloned());
         setups.push(WorkerSetup {
             index,
             core: (!cores.is_empty()).then(|| cores[index % cores.len()]),
@@ -181,6 +186,7 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             tcp_idle_timeout: config.server.tcp_idle_timeout,
             max_tcp_connections: config.server.max_tcp_connections,
             control: control_link.clone(),
+            forward,
             replies,
             commands,
             wake,
@@ -214,9 +220,11 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         all_stats.clone(),
         control_metrics.clone(),
     ));
+    let mut upstreams = upstream_side.metrics();
+    upstreams.extend(worker_upstreams.iter().cloned());
     let sources = Arc::new(RwLock::new(Sources {
         workers: all_stats.clone(),
-        upstreams: upstream_side.metrics(),
+        upstreams,
         control: control_metrics.clone(),
     }));
     let http = HttpServer::spawn(http_listeners.listeners, health.clone(), sources.clone())
@@ -255,6 +263,7 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         layout,
         epoch,
         upstream: upstream_side,
+        worker_upstreams,
         sources,
         health: health.clone(),
         control: control_metrics.clone(),

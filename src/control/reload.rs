@@ -26,8 +26,9 @@ use nix::sys::eventfd::EventFd;
 use crate::config::Config;
 use crate::health::Health;
 use crate::metrics::{ControlMetrics, Sources};
-use crate::upstream::UpstreamSide;
+use crate::upstream::{UpstreamMetrics, UpstreamSide};
 use crate::worker::stats::{Layout, WorkerStats, Zones};
+use crate::worker::upstream::ForwardSetup;
 use crate::worker::{sockets, Command, Reload};
 
 use super::node::NodeSync;
@@ -79,6 +80,8 @@ pub(crate) struct Live {
     pub(crate) epoch: Instant,
     /// The forwarding side.
     pub(crate) upstream: UpstreamSide,
+    /// Every worker's own series of the upstreams it queries over UDP itself.
+    pub(crate) worker_upstreams: Vec<Arc<UpstreamMetrics>>,
     /// What `/metrics` reads.
     pub(crate) sources: Arc<RwLock<Sources>>,
     /// Heartbeats `/health` reads.
@@ -259,12 +262,21 @@ impl Live {
         {
             changes.push("tcp_limits".to_owned());
         }
+        if forward_changed {
+            self.worker_upstreams.clear();
+        }
         for (index, (worker, add)) in self.workers.iter().zip(bound).enumerate() {
+            let forward = forward_changed.then(|| {
+                let setup = ForwardSetup::new(new.forward.clone(), new.server.udp_payload);
+                self.worker_upstreams.extend(setup.metrics.iter().cloned());
+                setup
+            });
             let reload = Reload {
                 settings,
                 tcp_idle_timeout: new.server.tcp_idle_timeout,
                 max_tcp_connections: new.server.max_tcp_connections,
                 stats: stats.as_ref().and_then(|all| all.get(index).cloned()),
+                forward,
                 add,
                 remove: remove.clone(),
             };
@@ -277,6 +289,9 @@ impl Live {
                 sources.workers = stats.clone();
             }
             sources.upstreams = self.upstream.metrics();
+            sources
+                .upstreams
+                .extend(self.worker_upstreams.iter().cloned());
         }
         if let Some(stats) = stats {
             self.health.set_workers(stats);

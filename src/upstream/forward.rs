@@ -28,7 +28,9 @@ use tokio::time::Instant;
 use super::pool::TcpPool;
 use super::route::{self, Question, Router};
 use super::udp::{UdpSet, QUERIES_PER_SOCKET};
-use super::{Error, Failure, Outcome, Reply, Request, UpstreamMetrics, UpstreamStats, WorkerLink};
+use super::{
+    Error, Failure, Outcome, Reply, Request, UpstreamMetrics, UpstreamStats, Via, WorkerLink,
+};
 use crate::config::{ForwardZone, Transport};
 
 /// Shortest slice of the budget an attempt gets before the next upstream is tried: a loaded
@@ -37,7 +39,7 @@ use crate::config::{ForwardZone, Transport};
 pub(crate) const MIN_SLICE: Duration = Duration::from_millis(250);
 
 /// Consecutive failed attempts after which an upstream is logged as down.
-const DOWN_AFTER_FAILURES: u32 = 3;
+pub(crate) const DOWN_AFTER_FAILURES: u32 = 3;
 
 /// Counters of the control side as a whole (per-upstream ones are in [`UpstreamStats`]).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -127,7 +129,7 @@ impl Forwarder {
                     upstreams: members,
                     transport: zone.transport,
                     timeout: zone.timeout,
-                    preferred: Cell::new(0),
+                    rotation: Rotation::default(),
                 }
             })
             .collect();
@@ -143,13 +145,21 @@ impl Forwarder {
     /// [`Forwarder::wake_workers`], batched per loop iteration.
     pub(crate) async fn serve(self: Rc<Self>, request: Request) {
         self.delivery.stats.borrow_mut().requests += 1;
-        let outcome = self.resolve(&request.query).await;
+        let outcome = match request.via {
+            Via::Zone => self.resolve(&request.query).await,
+            // Boxed: inline, its TCP exchange would double the size of every request's task
+            // (see `per_request_futures_stay_small`); this path is taken only after a TC=1.
+            Via::Tcp { addr, budget } => {
+                Box::pin(self.resolve_tcp(&request.query, addr, budget)).await
+            }
+        };
         if let Outcome::Failed(failure) = outcome {
             let mut stats = self.delivery.stats.borrow_mut();
             match failure {
                 Failure::Timeout => stats.timeouts += 1,
                 Failure::NoZone => stats.no_zone += 1,
                 Failure::BadRequest => stats.bad_requests += 1,
+                Failure::Overloaded => {}
             }
         }
         self.deliver(
@@ -221,6 +231,41 @@ impl Forwarder {
         self.delivery.wake_pending.notify_one();
     }
 
+    /// Forwards one wire query over TCP to `addr` within `budget` (a worker's UDP exchange got
+    /// a truncated answer from it). An address this configuration no longer has (a reload
+    /// removed it meanwhile) is resolved through its zone instead.
+    async fn resolve_tcp(&self, query: &[u8], addr: SocketAddr, budget: Duration) -> Outcome {
+        let Some(upstream) = self.upstreams.iter().find(|upstream| upstream.addr == addr) else {
+            return self.resolve(query).await;
+        };
+        let Some(question) = route::parse_question(query) else {
+            return Outcome::Failed(Failure::BadRequest);
+        };
+        upstream.stats.borrow_mut().truncated += 1;
+        let started = Instant::now();
+        let exchange = upstream.tcp.exchange(query, &question, budget);
+        let result = match tokio::time::timeout(budget, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Timeout {
+                addr,
+                after: budget,
+            }),
+        };
+        match result {
+            Ok(mut answer) => {
+                let rcode = answer.get(3).map_or(0, |flags| flags & 0x0f);
+                upstream.metrics.observe(rcode, started.elapsed());
+                upstream.succeeded();
+                route::set_id(&mut answer, 0);
+                Outcome::Answer(answer)
+            }
+            Err(error) => {
+                upstream.failed("(tcp after truncation)", &error);
+                Outcome::Failed(Failure::Timeout)
+            }
+        }
+    }
+
     /// Routes and forwards one wire query.
     async fn resolve(&self, query: &[u8]) -> Outcome {
         if query.len() > usize::from(u16::MAX) {
@@ -257,8 +302,8 @@ struct Zone {
     transport: Transport,
     /// Total budget per request.
     timeout: Duration,
-    /// Index of the upstream to try first: the last one that answered, moved on when it fails.
-    preferred: Cell<usize>,
+    /// Which upstream to try first.
+    rotation: Rotation,
 }
 
 /// An attempt on one upstream, polled alongside the others still listening.
@@ -282,7 +327,7 @@ impl Zone {
         let start = Instant::now();
         let deadline = start + self.timeout;
         let slice = slice_for(self.timeout, count);
-        let mut order = Order::new(self.preferred.get() % count, count);
+        let mut order = self.rotation.order(count);
         // Live attempts, each with its upstream's index.
         let mut attempts: Vec<(usize, Attempt<'_>)> = Vec::with_capacity(count);
         // The upstream whose slice is running.
@@ -369,7 +414,7 @@ impl Zone {
 
     /// Records an answer from upstream `index` and makes it the first to try next time.
     fn succeeded(&self, index: usize) {
-        self.preferred.set(index);
+        self.rotation.succeeded(index);
         if let Some(upstream) = self.upstreams.get(index) {
             upstream.succeeded();
         }
@@ -378,10 +423,7 @@ impl Zone {
     /// Records a failed or timed-out attempt on upstream `index`; the next request starts at
     /// the following upstream if this one was first in line.
     fn failed(&self, index: usize, error: &Error) {
-        if self.preferred.get() == index {
-            self.preferred
-                .set((index + 1) % self.upstreams.len().max(1));
-        }
+        self.rotation.failed(index, self.upstreams.len());
         if let Some(upstream) = self.upstreams.get(index) {
             upstream.failed(&self.name, error);
         }
@@ -390,7 +432,7 @@ impl Zone {
 
 /// The order in which one request tries a zone's upstreams: each once, starting at `first`.
 #[derive(Debug)]
-struct Order {
+pub(crate) struct Order {
     /// The first upstream to try.
     first: usize,
     /// How many upstreams the zone has.
@@ -535,13 +577,64 @@ async fn prefer_udp(
     }
 }
 
-/// Health as last logged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Health {
-    /// Answering.
-    Up,
-    /// [`DOWN_AFTER_FAILURES`] attempts in a row failed.
-    Down,
+/// Whether an upstream is up or down, as last logged, and its failed attempts since the last
+/// answer. The control side keeps one per upstream; a worker that forwards over UDP itself keeps
+/// its own (its log lines name the worker).
+#[derive(Debug, Default)]
+pub(crate) struct Health {
+    /// Logged down and not yet up again.
+    down: Cell<bool>,
+    /// Failed attempts since the last answer.
+    failures: Cell<u32>,
+}
+
+impl Health {
+    /// An answer came: logs `addr` up again if it was down. `by` names who logs (e.g.
+    /// `" worker=0"`, or `""` for the control side).
+    pub(crate) fn succeeded(&self, addr: SocketAddr, by: &str) {
+        self.failures.set(0);
+        if self.down.replace(false) {
+            info!("upstream up addr={addr}{by}");
+        }
+    }
+
+    /// An attempt failed: logs `addr` down on the [`DOWN_AFTER_FAILURES`]th failure in a row.
+    pub(crate) fn failed(&self, addr: SocketAddr, zone: &str, error: &Error, by: &str) {
+        let failures = self.failures.get().saturating_add(1);
+        self.failures.set(failures);
+        if failures >= DOWN_AFTER_FAILURES && !self.down.replace(true) {
+            info!(
+                "upstream down addr={addr} zone={zone}{by} failures={failures} last_error=\"{error}\""
+            );
+        }
+    }
+}
+
+/// Which of a zone's upstreams a request tries first: the last one that answered, moved on to
+/// the next when it fails.
+#[derive(Debug, Default)]
+pub(crate) struct Rotation {
+    /// Index of the upstream to try first.
+    preferred: Cell<usize>,
+}
+
+impl Rotation {
+    /// The order for one request over `count` upstreams.
+    pub(crate) fn order(&self, count: usize) -> Order {
+        Order::new(self.preferred.get() % count.max(1), count)
+    }
+
+    /// Upstream `index` answered: it goes first from now on.
+    pub(crate) fn succeeded(&self, index: usize) {
+        self.preferred.set(index);
+    }
+
+    /// Upstream `index` of `count` failed: if it was first in line, the next one is.
+    pub(crate) fn failed(&self, index: usize, count: usize) {
+        if self.preferred.get() == index {
+            self.preferred.set((index + 1) % count.max(1));
+        }
+    }
 }
 
 /// One upstream address: its UDP sockets, TCP pool, counters and health.
@@ -558,9 +651,7 @@ pub(crate) struct Upstream {
     /// What the metrics endpoint reads.
     metrics: Arc<UpstreamMetrics>,
     /// Up or down, as last logged.
-    health: Cell<Health>,
-    /// Failed attempts since the last answer.
-    failures: Cell<u32>,
+    health: Health,
 }
 
 impl Upstream {
@@ -573,19 +664,14 @@ impl Upstream {
             tcp: TcpPool::new(addr, Rc::clone(&stats)),
             stats,
             metrics: Arc::new(UpstreamMetrics::new(addr)),
-            health: Cell::new(Health::Up),
-            failures: Cell::new(0),
+            health: Health::default(),
         }
     }
 
     /// Counts an answer; logs the upstream up again if it was down.
     fn succeeded(&self) {
         self.stats.borrow_mut().answers += 1;
-        self.failures.set(0);
-        if self.health.get() == Health::Down {
-            self.health.set(Health::Up);
-            info!("upstream up addr={}", self.addr);
-        }
+        self.health.succeeded(self.addr, "");
     }
 
     /// Counts a failed attempt; logs the upstream down on the [`DOWN_AFTER_FAILURES`]th in a row.
@@ -598,15 +684,7 @@ impl Upstream {
             }
         }
         self.metrics.record_failure();
-        let failures = self.failures.get().saturating_add(1);
-        self.failures.set(failures);
-        if failures >= DOWN_AFTER_FAILURES && self.health.get() == Health::Up {
-            self.health.set(Health::Down);
-            info!(
-                "upstream down addr={} zone={zone} failures={failures} last_error=\"{error}\"",
-                self.addr
-            );
-        }
+        self.health.failed(self.addr, zone, error, "");
     }
 }
 
@@ -637,6 +715,7 @@ mod tests {
             worker: 0,
             token: 0,
             query: Vec::new(),
+            via: Via::Zone,
         };
         let serve = Rc::clone(&forwarder).serve(request);
         assert!(

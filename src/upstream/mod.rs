@@ -2,8 +2,9 @@
 //!
 //! Runs on: control thread (`ringdns-ctl`).
 //!
-//! Workers send a [`Request`] per distinct miss over one bounded crossbeam channel and write the
-//! control eventfd once per batch; the control side answers every request exactly once with a
+//! Workers send a [`Request`] per distinct miss they do not forward themselves (a worker on
+//! io_uring forwards `udp` zones from its own ring, `crate::worker::upstream`) over one bounded
+//! crossbeam channel and write the control eventfd once per batch; the control side answers every request exactly once with a
 //! [`Reply`] on the worker's own channel and writes that worker's eventfd, within the zone's
 //! timeout. A failure is a [`Outcome::Failed`], which the worker turns into SERVFAIL.
 //!
@@ -18,11 +19,14 @@
 mod forward;
 mod inflight;
 mod pool;
-mod route;
+pub(crate) mod route;
 mod tcp;
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 mod udp;
+
+pub(crate) use forward::{slice_for, Health, Order, Rotation};
+pub(crate) use udp::{MAX_CONSECUTIVE_ERRORS, QUERIES_PER_SOCKET, SOCKETS_PER_UPSTREAM};
 
 use std::io;
 use std::net::SocketAddr;
@@ -57,6 +61,24 @@ pub struct Request {
     /// with a lower-case qname, an OPT record advertising `server.udp_payload` (DO as the client
     /// asked), CD as the client asked.
     pub query: Vec<u8>,
+    /// How to resolve it.
+    pub via: Via,
+}
+
+/// How the control side resolves a [`Request`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Route the qname to its zone and use the zone's upstreams and transport.
+    Zone,
+    /// Over TCP to `addr` within `budget`: a worker that forwards over UDP itself got a
+    /// truncated answer from `addr` (RFC 7766 §5: retry over TCP) and hands the query over to
+    /// the pooled connections here.
+    Tcp {
+        /// The upstream that answered with TC=1.
+        addr: SocketAddr,
+        /// What is left of the zone's timeout.
+        budget: Duration,
+    },
 }
 
 /// The control side's answer to one [`Request`].
@@ -88,6 +110,9 @@ pub enum Failure {
     NoZone,
     /// The request could not be parsed (a worker bug; counted, never expected).
     BadRequest,
+    /// The worker could not queue the request to the control side (its channel was full);
+    /// set by the worker itself, never by the control side.
+    Overloaded,
 }
 
 /// The control side's handle on one worker: where its replies go and how to wake it.
@@ -115,6 +140,18 @@ pub struct ControlLink {
     pub requests: crossbeam_channel::Sender<Request>,
     /// Written once per worker batch that sent requests.
     pub wake: Arc<EventFd>,
+}
+
+/// Each upstream address of `zones` once, in config order: the order of the control side's
+/// [`UpstreamMetrics`] and of each worker's own series for the same addresses.
+pub fn upstream_addrs(zones: &[ForwardZone]) -> Vec<SocketAddr> {
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    for addr in zones.iter().flat_map(|zone| zone.upstreams.iter()) {
+        if !addrs.contains(addr) {
+            addrs.push(*addr);
+        }
+    }
+    addrs
 }
 
 /// Requests taken from the channel per loop iteration before the loop yields to running
@@ -652,6 +689,7 @@ mod tests {
                     worker: 0,
                     token,
                     query,
+                    via: Via::Zone,
                 })
                 .expect("channel open");
             self.control_wake.write(1).expect("wake control");
@@ -828,6 +866,7 @@ mod tests {
                     worker: 0,
                     token,
                     query: query(&format!("q{token}.example.")),
+                    via: Via::Zone,
                 })
                 .expect("channel open");
         }

@@ -30,7 +30,7 @@ pub(crate) const QUERIES_PER_SOCKET: u64 = 10_000;
 
 /// Consecutive receive errors (ICMP reports) after which a socket is retired, so a persistently
 /// failing socket cannot spin its reader.
-const MAX_CONSECUTIVE_ERRORS: u32 = 64;
+pub(crate) const MAX_CONSECUTIVE_ERRORS: u32 = 64;
 
 /// The UDP sockets of one upstream address.
 #[derive(Debug)]

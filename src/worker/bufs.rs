@@ -222,6 +222,14 @@ impl SendSlots {
         }
     }
 
+    /// The first `len` bytes of `slot`, for a Send on a connected socket (no address); the slot
+    /// is in flight from here until its CQE.
+    pub fn connected(&mut self, slot: u16, len: usize) -> (*const u8, u32) {
+        let start = usize::from(slot) * self.slot_len;
+        let buf = self.buffers.addr(start).cast_const();
+        (buf, len.min(self.slot_len) as u32)
+    }
+
     /// Returns a slot to the free list (its CQE was reaped, or it was never submitted).
     pub fn release(&mut self, slot: u16) {
         self.free.push(slot);

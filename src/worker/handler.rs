@@ -1,9 +1,9 @@
 //! Sans-IO query handling: (query bytes, now, shard) → what to send.
 //!
 //! Runs on: worker threads. Does no I/O and reads no clock; `now` comes from the receive loop.
-//! The only thing it touches besides its own state is the bounded crossbeam sender to the
-//! control side, with `try_send` (never blocking); the eventfd wake-up is left to the caller,
-//! once per batch ([`Handler::take_wake`]).
+//! A miss leaves as a [`Request`] in the handler's outbox; the caller takes the outbox once per
+//! batch ([`Handler::take_requests`]) and sends each request on its way: over UDP from the
+//! worker's own ring, or to the control side.
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::cache::{Limits, Lookup, Shard};
 use crate::dns::{self, Answer, Kind, Query, Rejection, KEY_MAX};
-use crate::upstream::{Outcome, Reply, Request};
+use crate::upstream::{Failure, Outcome, Reply, Request, Via};
 
 use super::pending::{Joined, Origin, Pending, Waiter};
 use super::stats::{CacheType, Counter, Labels, Plugin, Proto, WorkerStats};
@@ -71,33 +71,25 @@ pub struct Handler {
     shard: Shard,
     /// Misses in flight.
     pending: Pending,
-    /// To the control side.
-    requests: crossbeam_channel::Sender<Request>,
+    /// Upstream requests of new misses, until the caller takes them.
+    outbox: Vec<Request>,
     /// Counters.
     stats: Arc<WorkerStats>,
     /// Scratch for the cache key (kept here so a hit does not allocate or use much stack).
     key: [u8; KEY_MAX],
-    /// A request was queued since the last [`Handler::take_wake`].
-    wake_control: bool,
 }
 
 impl Handler {
     /// A handler for worker `worker`.
-    pub fn new(
-        worker: usize,
-        settings: Settings,
-        requests: crossbeam_channel::Sender<Request>,
-        stats: Arc<WorkerStats>,
-    ) -> Handler {
+    pub fn new(worker: usize, settings: Settings, stats: Arc<WorkerStats>) -> Handler {
         Handler {
             worker,
             settings,
             shard: Shard::new(settings.limits),
             pending: Pending::new(settings.max_misses, settings.max_waiters),
-            requests,
+            outbox: Vec::new(),
             stats,
             key: [0; KEY_MAX],
-            wake_control: false,
         }
     }
 
@@ -176,20 +168,14 @@ impl Handler {
                 Action::Parked
             }
             Joined::New(token) => {
-                let request = Request {
+                self.outbox.push(Request {
                     worker: self.worker,
                     token,
                     query: dns::upstream_query(&query, udp_payload),
-                };
-                if self.requests.try_send(request).is_ok() {
-                    self.stats.bump(Counter::UpstreamRequests);
-                    self.wake_control = true;
-                    Action::Parked
-                } else {
-                    // Queue full (or control gone): answer now rather than wait (STYLE §2).
-                    self.pending.take(token);
-                    self.overloaded(&query, labels, out)
-                }
+                    via: Via::Zone,
+                });
+                self.stats.bump(Counter::UpstreamRequests);
+                Action::Parked
             }
             Joined::Full => self.overloaded(&query, labels, out),
         }
@@ -218,6 +204,11 @@ impl Handler {
                     None
                 }
             },
+            Outcome::Failed(Failure::Overloaded) => {
+                // The control queue was full: answered now rather than waited for (STYLE §2).
+                self.stats.bump(Counter::Overloaded);
+                None
+            }
             Outcome::Failed(_) => {
                 self.stats.bump(Counter::UpstreamFailures);
                 None
@@ -285,10 +276,15 @@ impl Handler {
         }
     }
 
-    /// Whether requests were queued since the last call (the caller then writes the control
-    /// eventfd once for the whole batch).
-    pub fn take_wake(&mut self) -> bool {
-        std::mem::take(&mut self.wake_control)
+    /// Moves the requests of the misses started since the last call into `into` (which keeps
+    /// its capacity across batches, as the outbox keeps its own).
+    pub fn take_requests(&mut self, into: &mut Vec<Request>) {
+        into.append(&mut self.outbox);
+    }
+
+    /// Whether misses started since the last [`Handler::take_requests`] wait in the outbox.
+    pub fn has_requests(&self) -> bool {
+        !self.outbox.is_empty()
     }
 
     /// Misses in flight.
@@ -385,12 +381,10 @@ fn labels(origin: Origin, zone: usize) -> Labels {
 mod tests {
     use super::*;
     use crate::dns::tests::{answer, query};
-    use crate::upstream::Failure;
     use std::net::SocketAddr;
 
-    /// A handler for worker 0 with a request queue of `queue` slots.
-    fn handler(queue: usize) -> (Handler, crossbeam_channel::Receiver<Request>) {
-        let (requests, received) = crossbeam_channel::bounded(queue);
+    /// A handler for worker 0 with room for `misses` distinct misses in flight.
+    fn handler(misses: usize) -> Handler {
         let settings = Settings {
             udp_payload: 1232,
             limits: Limits {
@@ -401,11 +395,25 @@ mod tests {
                 servfail_ttl: Duration::ZERO,
             },
             miss_deadline: Duration::from_secs(3),
-            max_misses: 16,
+            max_misses: misses,
             max_waiters: 4,
         };
         let stats = Arc::new(WorkerStats::default());
-        (Handler::new(0, settings, requests, stats), received)
+        Handler::new(0, settings, stats)
+    }
+
+    /// The requests in the handler's outbox.
+    fn requests(handler: &mut Handler) -> Vec<Request> {
+        let mut taken = Vec::new();
+        handler.take_requests(&mut taken);
+        taken
+    }
+
+    /// The one request in the handler's outbox.
+    fn one_request(handler: &mut Handler) -> Request {
+        let mut taken = requests(handler);
+        assert_eq!(taken.len(), 1, "exactly one request upstream");
+        taken.pop().expect("one request")
     }
 
     /// A UDP origin with client port `port`.
@@ -426,7 +434,7 @@ mod tests {
 
     #[test]
     fn miss_then_hit_from_cache() {
-        let (mut handler, requests) = handler(8);
+        let mut handler = handler(8);
         let now = Instant::now();
         let mut out = vec![0u8; 1232];
         let q = query("svc.cluster.local", 1, None);
@@ -434,8 +442,9 @@ mod tests {
             handler.handle_query(&q, now, udp(1000), &mut out),
             Action::Parked
         );
-        assert!(handler.take_wake());
-        let request = requests.try_recv().expect("one request upstream");
+        assert!(handler.has_requests());
+        let request = one_request(&mut handler);
+        assert_eq!(request.via, Via::Zone);
         let upstream = answer(&request.query, 0, &[30], None);
         let sent = deliver(
             &mut handler,
@@ -453,12 +462,15 @@ mod tests {
         };
         assert_eq!(&out[..2], &[0x12, 0x34]);
         assert!(len > q.len());
-        assert!(requests.try_recv().is_err(), "hit sends nothing upstream");
+        assert!(
+            requests(&mut handler).is_empty(),
+            "hit sends nothing upstream"
+        );
     }
 
     #[test]
     fn identical_misses_send_one_request_and_answer_all() {
-        let (mut handler, requests) = handler(8);
+        let mut handler = handler(8);
         let now = Instant::now();
         let mut out = vec![0u8; 1232];
         let q = query("svc.cluster.local", 1, None);
@@ -468,8 +480,7 @@ mod tests {
                 Action::Parked
             );
         }
-        let request = requests.try_recv().expect("one request");
-        assert!(requests.try_recv().is_err(), "coalesced");
+        let request = one_request(&mut handler);
         let sent = deliver(
             &mut handler,
             Reply {
@@ -483,13 +494,13 @@ mod tests {
 
     #[test]
     fn failure_answers_servfail_to_every_waiter() {
-        let (mut handler, requests) = handler(8);
+        let mut handler = handler(8);
         let now = Instant::now();
         let mut out = vec![0u8; 1232];
         let q = query("dead.test", 1, None);
         handler.handle_query(&q, now, udp(1), &mut out);
         handler.handle_query(&q, now, Origin::Tcp { socket: 0, conn: 7 }, &mut out);
-        let request = requests.try_recv().expect("request");
+        let request = one_request(&mut handler);
         let sent = deliver(
             &mut handler,
             Reply {
@@ -506,8 +517,8 @@ mod tests {
     }
 
     #[test]
-    fn full_queue_answers_servfail_at_once() {
-        let (mut handler, _requests) = handler(1);
+    fn full_pending_table_answers_servfail_at_once() {
+        let mut handler = handler(1);
         let now = Instant::now();
         let mut out = vec![0u8; 1232];
         let first = query("a.test", 1, None);
@@ -517,16 +528,39 @@ mod tests {
         );
         let second = query("b.test", 1, None);
         let Action::Reply { len } = handler.handle_query(&second, now, udp(2), &mut out) else {
-            panic!("queue full must answer SERVFAIL now");
+            panic!("table full must answer SERVFAIL now");
         };
         assert!(len >= 12);
         assert_eq!(out[3] & 0x0f, 2);
         assert_eq!(handler.pending_len(), 1);
+        assert_eq!(handler.stats.read(Counter::Overloaded), 1);
+    }
+
+    #[test]
+    fn overloaded_request_answers_servfail_and_counts_it() {
+        let mut handler = handler(8);
+        let now = Instant::now();
+        let mut out = vec![0u8; 1232];
+        handler.handle_query(&query("a.test", 1, None), now, udp(1), &mut out);
+        let request = one_request(&mut handler);
+        let sent = deliver(
+            &mut handler,
+            Reply {
+                token: request.token,
+                outcome: Outcome::Failed(Failure::Overloaded),
+            },
+            now,
+        );
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].1[3] & 0x0f, 2, "SERVFAIL");
+        assert_eq!(handler.stats.read(Counter::Overloaded), 1);
+        assert_eq!(handler.stats.read(Counter::UpstreamFailures), 0);
+        assert_eq!(handler.pending_len(), 0);
     }
 
     #[test]
     fn expired_miss_is_answered_by_the_worker() {
-        let (mut handler, _requests) = handler(8);
+        let mut handler = handler(8);
         let now = Instant::now();
         let mut out = vec![0u8; 1232];
         handler.handle_query(&query("slow.test", 1, None), now, udp(1), &mut out);
@@ -541,7 +575,7 @@ mod tests {
 
     #[test]
     fn bad_input_is_dropped_or_answered() {
-        let (mut handler, requests) = handler(8);
+        let mut handler = handler(8);
         let now = Instant::now();
         let mut out = vec![0u8; 1232];
         assert_eq!(
@@ -561,17 +595,17 @@ mod tests {
             Action::Reply { .. }
         ));
         assert_eq!(out[3] & 0x0f, 1, "FORMERR");
-        assert!(requests.try_recv().is_err());
+        assert!(requests(&mut handler).is_empty());
     }
 
     #[test]
     fn wrong_answer_is_servfail_and_not_cached() {
-        let (mut handler, requests) = handler(8);
+        let mut handler = handler(8);
         let now = Instant::now();
         let mut out = vec![0u8; 1232];
         let q = query("right.test", 1, None);
         handler.handle_query(&q, now, udp(1), &mut out);
-        let request = requests.try_recv().expect("request");
+        let request = one_request(&mut handler);
         let wrong = answer(&query("wrong.test", 1, None), 0, &[30], None);
         let sent = deliver(
             &mut handler,
@@ -586,31 +620,28 @@ mod tests {
     }
 
     /// A handler whose stats know the zones `cluster.local.` and `.` on two listen addresses.
-    fn zoned_handler() -> (Handler, crossbeam_channel::Receiver<Request>) {
+    fn zoned_handler() -> Handler {
         use super::super::stats::{Layout, Zones};
-        let (plain, requests) = handler(8);
+        let plain = handler(8);
         let servers: [SocketAddr; 2] = [([127, 0, 0, 1], 53).into(), ([0u16; 8], 53).into()];
         let layout = Layout::new(&servers, Zones::new(["cluster.local."]));
         let stats = Arc::new(WorkerStats::new(Arc::new(layout), Instant::now()));
         let Handler {
-            worker,
-            settings,
-            requests: to_control,
-            ..
+            worker, settings, ..
         } = plain;
-        (Handler::new(worker, settings, to_control, stats), requests)
+        Handler::new(worker, settings, stats)
     }
 
     #[test]
     fn queries_and_responses_are_counted_by_zone_plugin_and_duration() {
         use super::super::stats::{duration_bucket, qtype_slot};
-        let (mut handler, requests) = zoned_handler();
+        let mut handler = zoned_handler();
         let now = Instant::now();
         let mut out = vec![0u8; 1232];
         let q = query("Svc.Cluster.Local", 1, Some((1232, 0, true)));
         let tcp = Origin::Tcp { socket: 1, conn: 3 };
         assert_eq!(handler.handle_query(&q, now, tcp, &mut out), Action::Parked);
-        let request = requests.try_recv().expect("one request");
+        let request = one_request(&mut handler);
         let later = now + Duration::from_millis(3);
         deliver(
             &mut handler,
@@ -656,7 +687,7 @@ mod tests {
 
     #[test]
     fn id_server_is_answered_locally_and_counted_under_the_root() {
-        let (mut handler, requests) = zoned_handler();
+        let mut handler = zoned_handler();
         let mut out = vec![0u8; 1232];
         let mut q = query("ID.server", 16, None);
         let class = q.len() - 2;
@@ -665,7 +696,7 @@ mod tests {
         else {
             panic!("id.server. CH TXT is answered at once");
         };
-        assert!(requests.try_recv().is_err(), "nothing goes upstream");
+        assert!(requests(&mut handler).is_empty(), "nothing goes upstream");
         assert_eq!(out[3] & 0x0f, 0, "NOERROR");
         assert_eq!(&out[6..8], &[0, 1], "one answer");
         assert!(out[..len].ends_with(b"\x07ringdns"));

@@ -9,7 +9,9 @@
 //! provided buffer ring, replies built in place in fixed send slots and sent with
 //! `IORING_OP_SEND`, see [`ring`]) or,
 //! where io_uring is unavailable, tokio's epoll sockets ([`udp`]). The DNS logic above both is
-//! the same [`handler::Handler`].
+//! the same [`handler::Handler`]. On io_uring, misses in `udp` zones are forwarded from the same
+//! ring ([`upstream`], with a timer task for their slices and budgets when traffic is idle);
+//! the rest go to the control side.
 
 pub mod bufs;
 pub mod handler;
@@ -19,6 +21,7 @@ pub mod sockets;
 pub mod stats;
 pub mod tcp;
 pub mod udp;
+pub mod upstream;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -32,12 +35,13 @@ use std::time::{Duration, Instant};
 use nix::sys::eventfd::EventFd;
 use tokio::task::AbortHandle;
 
-use crate::upstream::{ControlLink, Reply};
+use crate::upstream::{ControlLink, Failure, Outcome, Reply, Request};
 
 use handler::{Handler, Settings, TCP_MESSAGE_MAX};
 use pending::Origin;
 use stats::{Counter, WorkerStats};
 use udp::EpollUdp;
+use upstream::{Done, Exchanges, ForwardSetup};
 
 /// Checks that io_uring can be set up here with what the UDP ring needs; the error says why not.
 pub fn probe_uring() -> Result<(), String> {
@@ -102,6 +106,8 @@ pub struct Reload {
     pub max_tcp_connections: usize,
     /// New counters laid out for new listen addresses or zones (`None`: keep the current ones).
     pub stats: Option<Arc<WorkerStats>>,
+    /// New `[[forward]]` zones for the worker's own UDP exchanges (`None`: unchanged).
+    pub forward: Option<ForwardSetup>,
     /// Listen addresses added: their stable socket index, UDP socket and TCP listener.
     pub add: Vec<(u16, UdpSocket, TcpListener)>,
     /// Socket indices of listen addresses removed.
@@ -129,6 +135,8 @@ pub struct WorkerSetup {
     pub max_tcp_connections: usize,
     /// To the control side.
     pub control: ControlLink,
+    /// The zones this worker forwards over UDP itself (io_uring backend).
+    pub forward: ForwardSetup,
     /// Upstream replies for this worker.
     pub replies: crossbeam_channel::Receiver<Reply>,
     /// Control commands for this worker.
@@ -187,10 +195,29 @@ pub(crate) struct Shared {
     udp_tasks: Vec<Option<AbortHandle>>,
     /// Per socket index: the TCP accept loop (aborted when the address is removed).
     tcp_tasks: Vec<Option<AbortHandle>>,
-    /// To the control side (its eventfd).
-    control_wake: Arc<EventFd>,
+    /// Where misses go upstream.
+    upstream: Forwarding,
     /// A clone of this worker's reply channel, so the ring loop can take upstream replies itself.
     replies: crossbeam_channel::Receiver<Reply>,
+}
+
+/// Where a worker's misses go: its own UDP exchanges on the ring, or the control side.
+#[derive(Debug)]
+struct Forwarding {
+    /// The worker's own UDP exchanges (used on the io_uring backend only).
+    exchanges: Exchanges,
+    /// The control side's request channel and eventfd.
+    control: ControlLink,
+    /// Scratch: the handler's requests of one batch.
+    outbox: Vec<Request>,
+    /// Scratch: requests for the control side.
+    to_control: Vec<Request>,
+    /// Scratch: finished exchanges.
+    done: Vec<Done>,
+    /// Tells the upstream timer task that an earlier deadline exists.
+    timer: Rc<tokio::sync::Notify>,
+    /// The deadline the timer task sleeps until (`None`: it waits for a notification).
+    armed: Option<Instant>,
 }
 
 /// The UDP side of a worker.
@@ -203,11 +230,20 @@ enum Udp {
 }
 
 impl Shared {
-    /// Writes the control eventfd if this batch queued requests.
-    fn flush_wake(&mut self) {
-        if self.handler.take_wake() {
-            let _ = self.control_wake.write(1);
-        }
+    /// Sends this batch's misses on their way and answers what finished (see [`forward`]),
+    /// then submits the ring's queued sends: for callers outside the ring loop.
+    fn forward_now(&mut self, now: Instant) {
+        let Shared {
+            handler,
+            udp,
+            tcp,
+            out,
+            stats,
+            upstream,
+            ..
+        } = self;
+        forward(handler, udp, tcp, out, stats, upstream, now);
+        udp.flush();
     }
 
     /// Answers every parked client of `reply`. The UDP answers are queued, not submitted: the
@@ -271,6 +307,76 @@ fn deliver(
     to_tcp
 }
 
+/// Sends the requests of the misses started in this batch on their way: on the io_uring
+/// backend a zone forwarded over UDP goes out from the worker's own ring ([`upstream`]), the
+/// rest to the control side (one eventfd write for the batch; a full channel is answered
+/// SERVFAIL at once). Then runs the exchanges' timers and errors and answers every exchange
+/// that finished. The ring's sends are queued, not submitted. Returns whether an answer was
+/// queued for a TCP client.
+fn forward(
+    handler: &mut Handler,
+    udp: &mut Udp,
+    tcp: &HashMap<u64, tcp::TcpConn>,
+    out: &mut [u8],
+    stats: &WorkerStats,
+    upstream: &mut Forwarding,
+    now: Instant,
+) -> bool {
+    let Forwarding {
+        exchanges,
+        control,
+        outbox,
+        to_control,
+        done,
+        timer,
+        armed,
+    } = upstream;
+    handler.take_requests(outbox);
+    if let Udp::Uring(ring) = udp {
+        for request in outbox.drain(..) {
+            if let Some(request) = exchanges.start(request, now, &mut **ring) {
+                to_control.push(request);
+            }
+        }
+        if !exchanges.is_empty() || exchanges.has_work() {
+            exchanges.run(now, &mut **ring);
+        }
+        exchanges.take_done(done);
+        if let Some(next) = exchanges.next_timer() {
+            if armed.is_none_or(|armed| next < armed) {
+                *armed = Some(next);
+                timer.notify_one();
+            }
+        }
+    } else {
+        to_control.append(outbox);
+    }
+    let mut to_tcp = false;
+    for finished in done.drain(..) {
+        match finished {
+            Done::Reply(reply) => to_tcp |= deliver(handler, udp, tcp, out, stats, reply, now),
+            Done::Control(request) => to_control.push(request),
+        }
+    }
+    let mut wake = false;
+    for request in to_control.drain(..) {
+        let token = request.token;
+        if control.requests.try_send(request).is_ok() {
+            wake = true;
+        } else {
+            let reply = Reply {
+                token,
+                outcome: Outcome::Failed(Failure::Overloaded),
+            };
+            to_tcp |= deliver(handler, udp, tcp, out, stats, reply, now);
+        }
+    }
+    if wake {
+        let _ = control.wake.write(1);
+    }
+    to_tcp
+}
+
 /// Sends an answer to a client that was parked on a miss.
 fn send_parked(
     udp: &mut Udp,
@@ -312,6 +418,7 @@ async fn serve(setup: WorkerSetup) -> io::Result<()> {
         tcp_idle_timeout,
         max_tcp_connections,
         control,
+        forward: forward_setup,
         replies,
         commands,
         wake,
@@ -348,8 +455,9 @@ async fn serve(setup: WorkerSetup) -> io::Result<()> {
             return Err(error);
         }
     };
+    let timer = Rc::new(tokio::sync::Notify::new());
     let shared = Rc::new(RefCell::new(Shared {
-        handler: Handler::new(index, settings, control.requests.clone(), stats.clone()),
+        handler: Handler::new(index, settings, stats.clone()),
         udp,
         tcp: HashMap::new(),
         next_conn: 0,
@@ -359,7 +467,15 @@ async fn serve(setup: WorkerSetup) -> io::Result<()> {
         stats,
         udp_tasks: Vec::new(),
         tcp_tasks: Vec::new(),
-        control_wake: control.wake.clone(),
+        upstream: Forwarding {
+            exchanges: Exchanges::new(index, forward_setup),
+            control,
+            outbox: Vec::new(),
+            to_control: Vec::new(),
+            done: Vec::new(),
+            timer: timer.clone(),
+            armed: None,
+        },
         replies: replies.clone(),
     }));
     let (ring_events, epoll_sockets) = match &shared.borrow().udp {
@@ -375,6 +491,7 @@ async fn serve(setup: WorkerSetup) -> io::Result<()> {
     }
     if let Some(events) = ring_events {
         tokio::task::spawn_local(ring_loop(shared.clone(), ring::async_eventfd(events)?));
+        tokio::task::spawn_local(upstream_timer(shared.clone(), timer));
     }
     for (socket_index, listener) in listeners.into_iter().enumerate() {
         let socket_index =
@@ -433,6 +550,7 @@ fn apply_reload(shared: &Rc<RefCell<Shared>>, reload: Reload, index: usize) {
         tcp_idle_timeout,
         max_tcp_connections,
         stats,
+        forward,
         add,
         remove,
     } = reload;
@@ -443,6 +561,9 @@ fn apply_reload(shared: &Rc<RefCell<Shared>>, reload: Reload, index: usize) {
         state.handler.set_settings(settings);
         state.tcp_idle_timeout = tcp_idle_timeout;
         state.max_tcp_connections = max_tcp_connections;
+        if let Some(forward) = forward {
+            state.upstream.exchanges.reconfigure(forward);
+        }
         if let Some(stats) = stats {
             stats.beat(Instant::now());
             state.handler.set_stats(stats.clone());
@@ -540,8 +661,7 @@ async fn control_loop(
             while let Ok(reply) = replies.try_recv() {
                 state.deliver(reply, now);
             }
-            state.udp.flush();
-            state.flush_wake();
+            state.forward_now(now);
         }
         while let Ok(command) = commands.try_recv() {
             match command {
@@ -593,23 +713,21 @@ fn ring_turn(shared: &RefCell<Shared>) -> bool {
             tcp,
             out,
             stats,
-            control_wake,
+            upstream,
             replies,
             ..
         } = &mut *state;
         let Udp::Uring(ring) = udp else {
             return false;
         };
-        let handled = ring.drain(handler, stats, now);
-        if handler.take_wake() {
-            let _ = control_wake.write(1);
-        }
-        // Upstream replies that came in meanwhile are answered here, their sends going out
-        // with this turn's next system call, instead of waiting for the control loop's
-        // eventfd wake-up (which then finds the channel empty). `try_recv` only: replies
-        // never block the ring.
+        let handled = ring.drain(handler, &mut upstream.exchanges, stats, now);
+        // New misses go upstream (from this ring or to the control side), finished exchanges
+        // are answered, and upstream replies from the control side that came in meanwhile are
+        // answered here too, their sends going out with this turn's next system call instead
+        // of waiting for the control loop's eventfd wake-up (which then finds the channel
+        // empty). `try_recv` only: replies never block the ring.
+        let mut to_tcp = forward(handler, udp, tcp, out, stats, upstream, now);
         let mut delivered = 0usize;
-        let mut to_tcp = false;
         while let Ok(reply) = replies.try_recv() {
             to_tcp |= deliver(handler, udp, tcp, out, stats, reply, now);
             delivered += 1;
@@ -629,6 +747,31 @@ fn ring_turn(shared: &RefCell<Shared>) -> bool {
         }
         ring.linger(LINGER_WANT, LINGER);
         now = Instant::now();
+    }
+}
+
+/// Ends the slices and budgets of the worker's own UDP exchanges when no traffic runs the ring
+/// loop (which otherwise checks them every turn): sleeps until the earliest, or until
+/// [`forward`] announces an earlier one.
+async fn upstream_timer(shared: Rc<RefCell<Shared>>, timer: Rc<tokio::sync::Notify>) {
+    loop {
+        let next = {
+            let mut state = shared.borrow_mut();
+            let next = state.upstream.exchanges.next_timer();
+            state.upstream.armed = next;
+            next
+        };
+        match next {
+            None => timer.notified().await,
+            Some(at) => {
+                let at = tokio::time::Instant::from_std(at);
+                tokio::select! {
+                    () = tokio::time::sleep_until(at) => {}
+                    () = timer.notified() => continue,
+                }
+            }
+        }
+        shared.borrow_mut().forward_now(Instant::now());
     }
 }
 

@@ -1,5 +1,7 @@
 //! The io_uring UDP fast path: multishot RecvMsg with a provided buffer ring, replies built in
-//! place into send slots, SINGLE_ISSUER + DEFER_TASKRUN.
+//! place into send slots, SINGLE_ISSUER + DEFER_TASKRUN. The same ring carries the worker's
+//! UDP exchanges with its upstreams ([`super::upstream`]): their connected sockets receive into
+//! the same buffer ring and their queries go out from the same send slots.
 //!
 //! Runs on: worker threads (io_uring backend).
 
@@ -19,6 +21,7 @@ use super::bufs::{decode_addr, BufRing, SendSlots, ADDR_LEN};
 use super::handler::{Action, Handler};
 use super::pending::Origin;
 use super::stats::{Counter, WorkerStats};
+use super::upstream::{Exchanges, UpstreamIo};
 
 /// Submission queue entries (completion queue: 4× as many, so bursts do not overflow it).
 const RING_ENTRIES: u32 = 1024;
@@ -41,6 +44,12 @@ const SEND_TAG: u64 = 1 << 63;
 
 /// `user_data` bit of a cancel request (the cancel-all sent on drop, or a removed socket's).
 const CANCEL_TAG: u64 = 1 << 62;
+
+/// `user_data` bit of a receive on an upstream socket (else: on a listen socket).
+const UPSTREAM_TAG: u64 = 1 << 61;
+
+/// Most upstream sockets open at once (their index must fit the receive tag's 16 bits).
+const MAX_UPSTREAM_SOCKETS: usize = 1 << 16;
 
 /// A receive's `user_data`: the socket index in the low 16 bits, its generation above, so a
 /// late completion of a removed socket's receive is never taken for its successor's.
@@ -80,6 +89,14 @@ pub struct RingUdp {
     /// Sockets whose receive failed with an error other than ENOBUFS: not re-armed until
     /// [`RingUdp::release_held`].
     held: Vec<bool>,
+    /// Sockets connected to upstreams, by the index [`super::upstream::Exchanges`] knows them
+    /// by; a closed one leaves `None` and its index on `upstream_free`.
+    upstream: Vec<Option<UpstreamSocket>>,
+    /// Per upstream index: bumped when its socket closes, carried in receive `user_data`, so a
+    /// late completion of a closed socket is never taken for its successor's.
+    upstream_generations: Vec<u32>,
+    /// Indices of closed upstream sockets, for reuse.
+    upstream_free: Vec<u32>,
     /// Registered with the ring: written by the kernel when completions (or deferred task
     /// work) are ready, so the worker's tokio loop can wait on it.
     events: Arc<EventFd>,
@@ -87,6 +104,15 @@ pub struct RingUdp {
     unsubmitted: bool,
     /// Whether the kernel supports `min_wait` (IORING_FEAT_MIN_TIMEOUT, Linux 6.12).
     min_wait: bool,
+}
+
+/// One socket connected to an upstream.
+#[derive(Debug)]
+struct UpstreamSocket {
+    /// Bound to a random port, connected to the upstream.
+    socket: UdpSocket,
+    /// Whether its multishot receive is armed.
+    armed: bool,
 }
 
 impl std::fmt::Debug for RingUdp {
@@ -143,6 +169,9 @@ impl RingUdp {
             in_flight: 0,
             held: vec![false; armed.len()],
             armed,
+            upstream: Vec::new(),
+            upstream_generations: Vec::new(),
+            upstream_free: Vec::new(),
             events,
             unsubmitted: false,
             min_wait,
@@ -154,7 +183,7 @@ impl RingUdp {
     }
 
     /// The eventfd the kernel writes when there is work; wait on it, then call
-    /// [`RingUdp::poll`].
+    /// [`RingUdp::start_turn`] and [`RingUdp::drain`].
     pub fn events(&self) -> Arc<EventFd> {
         self.events.clone()
     }
@@ -235,6 +264,37 @@ impl RingUdp {
     fn receive_tag(&self, index: usize) -> u64 {
         let generation = u64::from(self.generations[index]) & 0xffff_ffff;
         (generation << GENERATION_SHIFT) | index as u64
+    }
+
+    /// The receive `user_data` of upstream socket `index` in its current generation.
+    fn upstream_tag(&self, index: usize) -> u64 {
+        let generation = u64::from(self.upstream_generations[index]) & 0xffff_ffff;
+        UPSTREAM_TAG | (generation << GENERATION_SHIFT) | index as u64
+    }
+
+    /// Arms a multishot RecvMsg on every upstream socket that has none.
+    fn arm_upstream_receives(&mut self) -> io::Result<()> {
+        for index in 0..self.upstream.len() {
+            let Some(upstream) = &self.upstream[index] else {
+                continue;
+            };
+            if upstream.armed {
+                continue;
+            }
+            let entry = opcode::RecvMsgMulti::new(
+                Fd(upstream.socket.as_raw_fd()),
+                &*self.recv_msghdr,
+                BUF_GROUP,
+            )
+            .build()
+            .user_data(self.upstream_tag(index));
+            self.push(&entry)?;
+            if let Some(Some(upstream)) = self.upstream.get_mut(index) {
+                upstream.armed = true;
+            }
+            self.in_flight += 1;
+        }
+        Ok(())
     }
 
     /// Arms a multishot RecvMsg on every socket that has none (tombstones skipped).
@@ -342,17 +402,23 @@ impl RingUdp {
     /// answers queries (hits in place into a send slot), frees send slots, re-arms receives.
     /// Makes no system call: the sends it queues go out with the next [`RingUdp::linger`] or
     /// [`RingUdp::flush`]. Returns how many completions it handled.
-    pub fn drain(&mut self, handler: &mut Handler, stats: &WorkerStats, now: Instant) -> usize {
+    pub fn drain(
+        &mut self,
+        handler: &mut Handler,
+        exchanges: &mut Exchanges,
+        stats: &WorkerStats,
+        now: Instant,
+    ) -> usize {
         let mut handled = 0usize;
         while handled < POLL_BUDGET {
             let Some(cqe) = self.ring.completion().next() else {
                 break;
             };
             handled += 1;
-            self.complete(&cqe, handler, stats, now);
+            self.complete(&cqe, handler, exchanges, stats, now);
         }
         self.bufs.publish();
-        if self.arm_receives().is_err() {
+        if self.arm_receives().is_err() || self.arm_upstream_receives().is_err() {
             stats.bump(Counter::SendErrors);
         }
         handled
@@ -363,6 +429,7 @@ impl RingUdp {
         &mut self,
         cqe: &cqueue::Entry,
         handler: &mut Handler,
+        exchanges: &mut Exchanges,
         stats: &WorkerStats,
         now: Instant,
     ) {
@@ -377,6 +444,10 @@ impl RingUdp {
         }
         if user_data & CANCEL_TAG != 0 {
             self.in_flight -= 1;
+            return;
+        }
+        if user_data & UPSTREAM_TAG != 0 {
+            self.complete_upstream(cqe, exchanges, stats, now);
             return;
         }
         let socket = (user_data & 0xffff) as usize;
@@ -410,6 +481,51 @@ impl RingUdp {
         }
         if let Ok(len) = usize::try_from(cqe.result()) {
             self.answer(socket, bid, len, handler, stats, now);
+        }
+        self.bufs.recycle(bid);
+    }
+
+    /// Handles a completion of an upstream socket's receive: an answer for the exchanges, or
+    /// the end of the multishot receive (re-armed by the next drain unless the socket closed;
+    /// an error other than running out of buffers is reported, e.g. ICMP port unreachable).
+    fn complete_upstream(
+        &mut self,
+        cqe: &cqueue::Entry,
+        exchanges: &mut Exchanges,
+        stats: &WorkerStats,
+        now: Instant,
+    ) {
+        let user_data = cqe.user_data();
+        let index = (user_data & 0xffff) as usize;
+        let current = self
+            .upstream_generations
+            .get(index)
+            .is_some_and(|&generation| {
+                u64::from(generation) == (user_data >> GENERATION_SHIFT) & 0xffff_ffff
+            });
+        let result = cqe.result();
+        if !cqueue::more(cqe.flags()) {
+            self.in_flight -= 1;
+            if current {
+                if let Some(Some(upstream)) = self.upstream.get_mut(index) {
+                    upstream.armed = false;
+                }
+                if result < 0 && result != -libc::ENOBUFS && result != -libc::ECANCELED {
+                    stats.bump(Counter::ReceiveErrors);
+                    exchanges.receive_failed(index as u32);
+                }
+            }
+        }
+        let Some(bid) = cqueue::buffer_select(cqe.flags()) else {
+            return;
+        };
+        if let (true, Ok(len)) = (current, usize::try_from(result)) {
+            if let Some(filled) = self.bufs.filled(bid, len) {
+                if let Ok(message) = RecvMsgOut::parse(filled, &self.recv_msghdr) {
+                    let cut = message.is_payload_truncated();
+                    exchanges.receive(index as u32, message.payload_data(), cut, now);
+                }
+            }
         }
         self.bufs.recycle(bid);
     }
@@ -451,6 +567,94 @@ impl RingUdp {
             }
             Action::Parked | Action::Drop(_) => self.slots.release(slot),
         }
+    }
+}
+
+impl UpstreamIo for RingUdp {
+    fn open(&mut self, addr: SocketAddr) -> io::Result<u32> {
+        let local: SocketAddr = if addr.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        // Port 0: the kernel picks a random ephemeral port (RFC 5452 §9.2 wants it random).
+        let socket = UdpSocket::bind(local)?;
+        socket.connect(addr)?;
+        socket.set_nonblocking(true)?;
+        let index = match self.upstream_free.pop() {
+            Some(index) => usize::try_from(index).unwrap_or(usize::MAX),
+            None if self.upstream.len() < MAX_UPSTREAM_SOCKETS => {
+                self.upstream.push(None);
+                self.upstream_generations.push(0);
+                self.upstream.len() - 1
+            }
+            None => return Err(io::Error::other("too many upstream sockets")),
+        };
+        let Some(entry) = self.upstream.get_mut(index) else {
+            return Err(io::Error::other("upstream socket index out of range"));
+        };
+        *entry = Some(UpstreamSocket {
+            socket,
+            armed: false,
+        });
+        if let Err(error) = self.arm_upstream_receives() {
+            // Not armed (the submission queue stayed full): nothing references it yet.
+            self.upstream[index] = None;
+            self.upstream_free.push(index as u32);
+            return Err(error);
+        }
+        Ok(index as u32)
+    }
+
+    fn send(&mut self, socket: u32, query: &[u8], id: u16) -> bool {
+        let index = socket as usize;
+        let Some(Some(upstream)) = self.upstream.get(index) else {
+            return false;
+        };
+        let fd = Fd(upstream.socket.as_raw_fd());
+        let Some(slot) = self.slots.acquire() else {
+            return false;
+        };
+        let buffer = self.slots.buffer(slot);
+        let Some(packet) = buffer.get_mut(..query.len()) else {
+            self.slots.release(slot);
+            return false;
+        };
+        packet.copy_from_slice(query);
+        if let Some(header) = packet.get_mut(..2) {
+            header.copy_from_slice(&id.to_be_bytes());
+        }
+        let (buf, len) = self.slots.connected(slot, query.len());
+        let entry = opcode::Send::new(fd, buf, len)
+            .build()
+            .user_data(SEND_TAG | u64::from(slot));
+        if self.push(&entry).is_err() {
+            self.slots.release(slot);
+            return false;
+        }
+        self.in_flight += 1;
+        true
+    }
+
+    fn close(&mut self, socket: u32) {
+        let index = socket as usize;
+        let Some(upstream) = self.upstream.get_mut(index).and_then(Option::take) else {
+            return;
+        };
+        if upstream.armed {
+            let cancel =
+                opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(upstream.socket.as_raw_fd())).all())
+                    .build()
+                    .user_data(CANCEL_TAG | index as u64);
+            if self.push(&cancel).is_ok() {
+                self.in_flight += 1;
+            }
+            self.flush();
+        }
+        self.upstream_generations[index] = self.upstream_generations[index].wrapping_add(1);
+        self.upstream_free.push(socket);
+        // io_uring holds its own file reference for the cancelled receive until its final CQE.
+        drop(upstream);
     }
 }
 

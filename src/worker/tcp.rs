@@ -92,7 +92,7 @@ async fn serve(shared: Rc<RefCell<Shared>>, stream: TcpStream, socket: u16, conn
         let outcome = {
             let mut state = shared.borrow_mut();
             let outcome = state.handle_query(&message, now, Origin::Tcp { socket, conn });
-            state.flush_wake();
+            state.forward_now(now);
             outcome
         };
         let keep_open = match outcome {

@@ -114,5 +114,5 @@ fn receive_batch(shared: &RefCell<Shared>, socket: &UdpSocket, index: u16, query
             }
         }
     }
-    state.flush_wake();
+    state.forward_now(now);
 }

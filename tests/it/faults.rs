@@ -27,10 +27,15 @@ backend_tests!(
     tcp_closed_mid_answer_gives_servfail_then_recovers,
     delayed_upstream_answer_is_relayed,
     identical_concurrent_misses_are_coalesced,
+    a_silent_first_upstream_hands_over_to_the_second,
+    a_refusing_upstream_hands_over_at_once,
 );
 
 /// Where FaultyUpstream listens.
 const FAULTY: &str = "127.0.0.20:53";
+
+/// Where a second FaultyUpstream listens, or nothing at all (ICMP port unreachable).
+const OTHER: &str = "127.0.0.21:53";
 
 /// knotd, a FaultyUpstream forwarding to it, and ringdns forwarding `.` to the FaultyUpstream.
 struct FaultStack {
@@ -271,4 +276,67 @@ fn identical_concurrent_misses_are_coalesced(io: Io) -> anyhow::Result<()> {
         "{CLIENTS} identical concurrent misses, one upstream query"
     );
     stack.dns.stop()
+}
+
+/// Two upstreams, the first silent: the first slice of the budget (1 s of 2 s) runs out, the
+/// second upstream answers, and the next miss starts at the one that answered.
+fn a_silent_first_upstream_hands_over_to_the_second(io: Io) -> anyhow::Result<()> {
+    let _ns = enter_netns!(&format!(
+        "a_silent_first_upstream_hands_over_to_the_second/{io}"
+    ));
+    let auth = Authoritative::start(zones::all())?;
+    let silent = FaultyUpstream::start(OTHER.parse()?, Source::Forward(auth.addr()))?;
+    silent.set_mode(Mode::Drop);
+    let live = FaultyUpstream::start(FAULTY.parse()?, Source::Forward(auth.addr()))?;
+    // One worker: which upstream goes first is remembered per worker.
+    let config = TestConfig::for_tests(io).workers(1).forward_with(
+        ".",
+        &[silent.addr(), live.addr()],
+        "udp",
+        "2s",
+    );
+    let mut dns = Ringdns::start(&config)?;
+    let first = zones::svc(61);
+    let reply = client::udp(dns.udp(), &Query::new(&first, Rtype::A))?;
+    assert_eq!(reply.rcode, OptRcode::NOERROR, "{reply:?}");
+    assert_eq!(reply.rdata()[0].2, zones::svc_v4(61).to_string());
+    assert_eq!(
+        silent.queries(&first),
+        1,
+        "the first upstream was tried first"
+    );
+    assert_eq!(live.queries(&first), 1);
+    let second = zones::svc(62);
+    let reply = client::udp(dns.udp(), &Query::new(&second, Rtype::A))?;
+    assert_eq!(reply.rcode, OptRcode::NOERROR, "{reply:?}");
+    assert_eq!(
+        silent.queries(&second),
+        0,
+        "the upstream that answered goes first now"
+    );
+    dns.stop()
+}
+
+/// The first upstream's port is closed (ICMP port unreachable): the second is asked at once,
+/// not after the first one's 10 s slice of a 20 s budget, which would outlast the client's 5 s
+/// wait.
+fn a_refusing_upstream_hands_over_at_once(io: Io) -> anyhow::Result<()> {
+    let _ns = enter_netns!(&format!("a_refusing_upstream_hands_over_at_once/{io}"));
+    let auth = Authoritative::start(zones::all())?;
+    let live = FaultyUpstream::start(FAULTY.parse()?, Source::Forward(auth.addr()))?;
+    let closed: SocketAddr = OTHER.parse()?;
+    let config = TestConfig::for_tests(io).workers(1).forward_with(
+        ".",
+        &[closed, live.addr()],
+        "udp",
+        "20s",
+    );
+    let mut dns = Ringdns::start(&config)?;
+    for n in 63..66 {
+        let name = zones::svc(n);
+        let reply = client::udp(dns.udp(), &Query::new(&name, Rtype::A))?;
+        assert_eq!(reply.rcode, OptRcode::NOERROR, "{name}: {reply:?}");
+        assert_eq!(live.queries(&name), 1, "{name}");
+    }
+    dns.stop()
 }

@@ -1,0 +1,1078 @@
+//! Misses forwarded over UDP by the worker itself, from its own ring: zone routing, upstream
+//! sockets, query IDs, failover within the zone's budget and answer checks. A UDP miss then
+//! never leaves the worker's core: no hand-off to `ringdns-ctl` and back.
+//!
+//! Runs on: worker threads (io_uring backend). Does no I/O and reads no clock: sockets are
+//! opened, written and closed through [`UpstreamIo`] (the ring implements it), datagrams and
+//! receive errors come in from the ring's completions, and `now` comes from the ring loop.
+//!
+//! Zones with `transport = "udp"` are forwarded here. `tcp` and `prefer_udp` zones go to the
+//! control side as before, and so does a UDP answer with TC=1 or longer than our payload
+//! (RFC 7766 §5): it is retried over the control side's pooled TCP connections to the same
+//! upstream ([`Via::Tcp`]) with what is left of the budget.
+//!
+//! The policy is the control side's (`upstream::forward`): the zone's timeout is the total
+//! budget; upstreams are tried in turn starting at the last one that answered, each with a slice
+//! of the budget; one that refuses (ICMP port unreachable) hands over at once; an earlier
+//! attempt keeps listening after its slice, so a late answer still counts. Spoofing resistance
+//! as there (RFC 5452 §4, §9.2): a random ID per query, sockets connected to the upstream on
+//! kernel-chosen random ports, picked at random among `SOCKETS_PER_UPSTREAM` (8) and replaced
+//! after `QUERIES_PER_SOCKET` (10,000) queries, and an answer must carry an in-flight ID *and* the
+//! query's question.
+#![forbid(unsafe_code)]
+
+use std::cell::RefCell;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{ForwardZone, Transport};
+use crate::upstream::route::{self, Question, Router};
+use crate::upstream::{
+    slice_for, upstream_addrs, Error, Failure, Health, Order, Outcome, Reply, Request, Rotation,
+    UpstreamMetrics, Via, MAX_CONSECUTIVE_ERRORS, QUERIES_PER_SOCKET, SOCKETS_PER_UPSTREAM,
+};
+
+/// Random IDs tried on a socket before the attempt fails (as the control side's tables).
+const ID_TRIES: usize = 64;
+
+/// One worker's forwarding configuration, built by the control side.
+///
+/// # Threads
+///
+/// Built on the control thread (start-up or reload) and moved to the worker. Its metrics are
+/// written only by that worker (`Relaxed`) and read by `ringdns-http` at scrape time.
+#[derive(Debug)]
+pub struct ForwardSetup {
+    /// The `[[forward]]` zones.
+    pub zones: Vec<ForwardZone>,
+    /// `server.udp_payload`: advertised upstream; a longer answer is retried over TCP.
+    pub udp_payload: u16,
+    /// This worker's series for each upstream address, in [`upstream_addrs`] order.
+    pub metrics: Vec<Arc<UpstreamMetrics>>,
+}
+
+impl ForwardSetup {
+    /// A setup for `zones` with fresh (zeroed) series.
+    pub fn new(zones: Vec<ForwardZone>, udp_payload: u16) -> ForwardSetup {
+        let metrics = upstream_addrs(&zones)
+            .into_iter()
+            .map(|addr| Arc::new(UpstreamMetrics::new(addr)))
+            .collect();
+        ForwardSetup {
+            zones,
+            udp_payload,
+            metrics,
+        }
+    }
+}
+
+/// The socket operations the exchanges need; the ring implements them on io_uring.
+pub trait UpstreamIo {
+    /// Opens a UDP socket connected to `addr` from a random local port and starts receiving
+    /// on it; returns its index (datagrams and errors are reported under it).
+    fn open(&mut self, addr: SocketAddr) -> io::Result<u32>;
+    /// Queues `query` with its ID replaced by `id` on socket `socket`; `false` if it could not
+    /// be queued.
+    fn send(&mut self, socket: u32, query: &[u8], id: u16) -> bool;
+    /// Stops receiving on socket `socket` and closes it.
+    fn close(&mut self, socket: u32);
+}
+
+/// A finished exchange.
+#[derive(Debug)]
+pub enum Done {
+    /// Answer (or fail) the parked clients.
+    Reply(Reply),
+    /// Hand over to the control side (TCP after a truncated answer).
+    Control(Request),
+}
+
+/// The worker's UDP exchanges with its upstreams.
+#[derive(Debug)]
+pub struct Exchanges {
+    /// This worker's index (for requests handed to the control side and for log lines).
+    worker: usize,
+    /// `" worker=N"`, appended to log lines.
+    by: String,
+    /// The configuration new requests use.
+    plan: Rc<Plan>,
+    /// Exchanges in flight, by the worker's pending-miss token.
+    exchanges: HashMap<u64, Exchange, ahash::RandomState>,
+    /// Open upstream sockets, by the ring's index.
+    sockets: HashMap<u32, Socket, ahash::RandomState>,
+    /// When an exchange's slice or budget ends (stale entries are skipped when popped).
+    timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// Sockets whose receive reported an error since the last [`Exchanges::run`].
+    errored: Vec<u32>,
+    /// Retired sockets that may have become idle (closed by [`Exchanges::run`]).
+    closing: Vec<u32>,
+    /// Finished exchanges, until the caller takes them.
+    done: Vec<Done>,
+    /// Datagrams ignored: unknown ID, wrong question, not a response.
+    ignored: u64,
+    /// Queries a socket carries before it is replaced ([`QUERIES_PER_SOCKET`]).
+    rotate_after: u64,
+}
+
+/// One configuration's zones and upstreams. Exchanges hold the plan they started with, so a
+/// reload does not disturb them.
+#[derive(Debug)]
+struct Plan {
+    /// Distinguishes a plan's sockets from a later plan's.
+    generation: u64,
+    /// Zone routing.
+    router: Router,
+    /// Zones, in the router's order.
+    zones: Vec<ZonePlan>,
+    /// Upstream addresses, in [`upstream_addrs`] order.
+    upstreams: Vec<UpstreamPlan>,
+    /// Answers longer than this are treated as truncated (our advertised payload, at least
+    /// the classic 512 octets of RFC 1035 §4.2.1).
+    payload_limit: usize,
+}
+
+/// One forward zone.
+#[derive(Debug)]
+struct ZonePlan {
+    /// The zone name, for logs.
+    name: String,
+    /// Its upstreams, as indices into [`Plan::upstreams`], in config order.
+    members: Vec<usize>,
+    /// Forwarded here (`transport = "udp"`); else by the control side.
+    local: bool,
+    /// Total budget per request.
+    timeout: Duration,
+    /// Each upstream's slice of the budget.
+    slice: Duration,
+    /// Which member to try first.
+    rotation: Rotation,
+}
+
+/// One upstream address.
+#[derive(Debug)]
+struct UpstreamPlan {
+    /// The server.
+    addr: SocketAddr,
+    /// This worker's series for it.
+    metrics: Arc<UpstreamMetrics>,
+    /// Its live sockets (by the ring's index); an empty or retired slot is refilled when picked.
+    sockets: RefCell<[Option<u32>; SOCKETS_PER_UPSTREAM]>,
+    /// Up or down, as last logged.
+    health: Health,
+}
+
+/// One open upstream socket.
+#[derive(Debug)]
+struct Socket {
+    /// The plan whose upstream it belongs to.
+    generation: u64,
+    /// Queries in flight on it: DNS ID → exchange token.
+    inflight: HashMap<u16, u64, ahash::RandomState>,
+    /// Queries sent on it.
+    sent: u64,
+    /// No longer picked; closed once nothing is in flight.
+    retired: bool,
+    /// Receive errors since the last accepted answer.
+    errors: u32,
+}
+
+/// One request being forwarded.
+#[derive(Debug)]
+struct Exchange {
+    /// The plan it started with.
+    plan: Rc<Plan>,
+    /// Its zone.
+    zone: usize,
+    /// The query (ID 0; each attempt sends it with its own ID).
+    query: Vec<u8>,
+    /// Its question, which an answer must repeat.
+    question: Question,
+    /// The zone members not tried yet, in order.
+    order: Order,
+    /// The member whose slice is running (none after the last slice ran out).
+    current: Option<usize>,
+    /// Attempts still listening.
+    attempts: Vec<Attempt>,
+    /// When the current slice ends.
+    slice_end: Instant,
+    /// When the budget is spent.
+    deadline: Instant,
+}
+
+/// One query sent to one upstream.
+#[derive(Debug, Clone, Copy)]
+struct Attempt {
+    /// The zone member (index into [`ZonePlan::members`]).
+    member: usize,
+    /// The socket it went out on.
+    socket: u32,
+    /// Its DNS ID.
+    id: u16,
+    /// When it was sent.
+    started: Instant,
+}
+
+impl Exchanges {
+    /// Exchanges for worker `worker` under `setup`.
+    pub fn new(worker: usize, setup: ForwardSetup) -> Exchanges {
+        Exchanges {
+            worker,
+            by: format!(" worker={worker}"),
+            plan: Rc::new(Plan::new(setup, 0)),
+            exchanges: HashMap::default(),
+            sockets: HashMap::default(),
+            timers: BinaryHeap::new(),
+            errored: Vec::new(),
+            closing: Vec::new(),
+            done: Vec::new(),
+            ignored: 0,
+            rotate_after: QUERIES_PER_SOCKET,
+        }
+    }
+
+    /// Swaps in a reloaded configuration: new requests use it; exchanges in flight finish on
+    /// the old one, whose sockets close once idle.
+    pub fn reconfigure(&mut self, setup: ForwardSetup) {
+        let generation = self.plan.generation + 1;
+        self.plan = Rc::new(Plan::new(setup, generation));
+        for (&index, socket) in &mut self.sockets {
+            if socket.generation != generation {
+                socket.retired = true;
+                self.closing.push(index);
+            }
+        }
+    }
+
+    /// Starts forwarding `request` if its zone is forwarded over UDP here; otherwise gives it
+    /// back for the control side. Sends go out through `io`.
+    pub fn start(
+        &mut self,
+        request: Request,
+        now: Instant,
+        io: &mut dyn UpstreamIo,
+    ) -> Option<Request> {
+        if request.via != Via::Zone {
+            return Some(request);
+        }
+        let Some(question) = route::parse_question(&request.query) else {
+            return Some(request);
+        };
+        let plan = Rc::clone(&self.plan);
+        let Some(zone_index) = plan.router.route(question.name()) else {
+            return Some(request);
+        };
+        let Some(zone) = plan.zones.get(zone_index).filter(|zone| zone.local) else {
+            return Some(request);
+        };
+        let deadline = now + zone.timeout;
+        let exchange = Exchange {
+            order: zone.rotation.order(zone.members.len()),
+            plan: Rc::clone(&plan),
+            zone: zone_index,
+            query: request.query,
+            question,
+            current: None,
+            attempts: Vec::with_capacity(1),
+            slice_end: deadline,
+            deadline,
+        };
+        self.exchanges.insert(request.token, exchange);
+        self.launch_next(request.token, now, io);
+        None
+    }
+
+    /// A datagram arrived on upstream socket `socket`; `cut` if our receive buffer cut it.
+    /// An accepted answer finishes its exchange; anything else is counted and ignored while
+    /// the exchange keeps waiting.
+    pub fn receive(&mut self, socket: u32, datagram: &[u8], cut: bool, now: Instant) {
+        let Some(token) = self.accepts(socket, datagram) else {
+            self.ignored += 1;
+            return;
+        };
+        let Some(exchange) = self.exchanges.remove(&token) else {
+            return;
+        };
+        if let Some(state) = self.sockets.get_mut(&socket) {
+            state.errors = 0;
+        }
+        let id = route::message_id(datagram).unwrap_or_default();
+        let attempt = exchange
+            .attempts
+            .iter()
+            .find(|attempt| attempt.socket == socket && attempt.id == id)
+            .copied();
+        self.release(&exchange);
+        let Some(attempt) = attempt else {
+            return;
+        };
+        let plan = &exchange.plan;
+        let Some((zone, upstream)) = plan.member(exchange.zone, attempt.member) else {
+            return;
+        };
+        let truncated = cut || route::is_truncated(datagram) || datagram.len() > plan.payload_limit;
+        if truncated {
+            self.done.push(Done::Control(Request {
+                worker: self.worker,
+                token,
+                query: exchange.query,
+                via: Via::Tcp {
+                    addr: upstream.addr,
+                    budget: exchange.deadline.saturating_duration_since(now),
+                },
+            }));
+            return;
+        }
+        let rcode = datagram.get(3).map_or(0, |flags| flags & 0x0f);
+        upstream
+            .metrics
+            .observe(rcode, now.saturating_duration_since(attempt.started));
+        upstream.health.succeeded(upstream.addr, &self.by);
+        zone.rotation.succeeded(attempt.member);
+        let mut answer = datagram.to_vec();
+        route::set_id(&mut answer, 0);
+        self.done.push(Done::Reply(Reply {
+            token,
+            outcome: Outcome::Answer(answer),
+        }));
+    }
+
+    /// The receive on upstream socket `socket` failed (an ICMP report such as port
+    /// unreachable: it concerns the one upstream every query on it went to). Handled by the
+    /// next [`Exchanges::run`].
+    pub fn receive_failed(&mut self, socket: u32) {
+        self.errored.push(socket);
+    }
+
+    /// Fails over the exchanges hit by receive errors, ends slices and budgets that ran out
+    /// by `now`, and closes idle retired sockets.
+    pub fn run(&mut self, now: Instant, io: &mut dyn UpstreamIo) {
+        for socket in std::mem::take(&mut self.errored) {
+            self.socket_failed(socket, now, io);
+        }
+        while let Some(&Reverse((at, token))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            self.timer(token, now, io);
+        }
+        for index in std::mem::take(&mut self.closing) {
+            let idle = self
+                .sockets
+                .get(&index)
+                .is_some_and(|socket| socket.retired && socket.inflight.is_empty());
+            if idle {
+                self.sockets.remove(&index);
+                io.close(index);
+            }
+        }
+    }
+
+    /// Moves the finished exchanges into `into`.
+    pub fn take_done(&mut self, into: &mut Vec<Done>) {
+        into.append(&mut self.done);
+    }
+
+    /// Whether finished exchanges wait to be taken, or errors or closes to be handled.
+    pub fn has_work(&self) -> bool {
+        !self.done.is_empty() || !self.errored.is_empty() || !self.closing.is_empty()
+    }
+
+    /// When [`Exchanges::run`] next has a slice or budget to end.
+    pub fn next_timer(&self) -> Option<Instant> {
+        self.timers.peek().map(|&Reverse((at, _))| at)
+    }
+
+    /// Exchanges in flight.
+    pub fn len(&self) -> usize {
+        self.exchanges.len()
+    }
+
+    /// Whether no exchange is in flight.
+    pub fn is_empty(&self) -> bool {
+        self.exchanges.is_empty()
+    }
+
+    /// Open upstream sockets.
+    pub fn sockets(&self) -> usize {
+        self.sockets.len()
+    }
+
+    /// Datagrams ignored so far (unknown ID, wrong question, not a response).
+    pub fn ignored(&self) -> u64 {
+        self.ignored
+    }
+
+    /// The token of the exchange `datagram` answers on `socket`: a response whose ID is in
+    /// flight there and whose question matches.
+    fn accepts(&self, socket: u32, datagram: &[u8]) -> Option<u64> {
+        let id = route::message_id(datagram)?;
+        let token = *self.sockets.get(&socket)?.inflight.get(&id)?;
+        let exchange = self.exchanges.get(&token)?;
+        (route::is_response(datagram) && route::question_matches(datagram, &exchange.question))
+            .then_some(token)
+    }
+
+    /// Starts the next member's attempt of exchange `token`, skipping members whose attempt
+    /// fails outright; fails the exchange when nothing is left listening and no member is left.
+    fn launch_next(&mut self, token: u64, now: Instant, io: &mut dyn UpstreamIo) {
+        let current = self.plan.generation;
+        let Self {
+            exchanges,
+            sockets,
+            closing,
+            by,
+            rotate_after,
+            ..
+        } = self;
+        let Some(exchange) = exchanges.get_mut(&token) else {
+            return;
+        };
+        exchange.current = None;
+        exchange.slice_end = exchange.deadline;
+        for member in exchange.order.by_ref() {
+            let plan = Rc::clone(&exchange.plan);
+            let Some((zone, upstream)) = plan.member(exchange.zone, member) else {
+                continue;
+            };
+            let target = Target {
+                upstream,
+                generation: plan.generation,
+                current,
+                rotate_after: *rotate_after,
+            };
+            match send_attempt(sockets, closing, &target, &exchange.query, token, io) {
+                Ok((socket, id)) => {
+                    exchange.attempts.push(Attempt {
+                        member,
+                        socket,
+                        id,
+                        started: now,
+                    });
+                    exchange.current = Some(member);
+                    exchange.slice_end = (now + zone.slice).min(exchange.deadline);
+                    break;
+                }
+                Err(error) => {
+                    zone.rotation.failed(member, zone.members.len());
+                    upstream.metrics.record_failure();
+                    upstream
+                        .health
+                        .failed(upstream.addr, &zone.name, &error, by);
+                }
+            }
+        }
+        let next = (!exchange.attempts.is_empty()).then_some(exchange.slice_end);
+        match next {
+            Some(at) => self.timers.push(Reverse((at, token))),
+            None => self.finish(token, Failure::Timeout),
+        }
+    }
+
+    /// A slice or budget of exchange `token` may have ended at `now`.
+    fn timer(&mut self, token: u64, now: Instant, io: &mut dyn UpstreamIo) {
+        let Some(exchange) = self.exchanges.get_mut(&token) else {
+            return;
+        };
+        if now < exchange.slice_end && now < exchange.deadline {
+            return; // A stale entry: the exchange was rescheduled.
+        }
+        if let Some(member) = exchange.current.take() {
+            if exchange
+                .attempts
+                .iter()
+                .any(|attempt| attempt.member == member)
+            {
+                let plan = Rc::clone(&exchange.plan);
+                if let Some((zone, upstream)) = plan.member(exchange.zone, member) {
+                    let error = Error::Timeout {
+                        addr: upstream.addr,
+                        after: zone.slice,
+                    };
+                    zone.rotation.failed(member, zone.members.len());
+                    upstream.metrics.record_failure();
+                    upstream
+                        .health
+                        .failed(upstream.addr, &zone.name, &error, &self.by);
+                }
+            }
+        }
+        if now >= exchange.deadline {
+            self.finish(token, Failure::Timeout);
+            return;
+        }
+        self.launch_next(token, now, io);
+    }
+
+    /// Socket `index` reported a receive error: every attempt on it failed.
+    fn socket_failed(&mut self, index: u32, now: Instant, io: &mut dyn UpstreamIo) {
+        let Some(socket) = self.sockets.get_mut(&index) else {
+            return;
+        };
+        socket.errors += 1;
+        if socket.errors >= MAX_CONSECUTIVE_ERRORS {
+            socket.retired = true;
+            self.closing.push(index);
+        }
+        let failed: Vec<(u16, u64)> = socket.inflight.drain().collect();
+        for (id, token) in failed {
+            let Some(exchange) = self.exchanges.get_mut(&token) else {
+                continue;
+            };
+            let Some(position) = exchange
+                .attempts
+                .iter()
+                .position(|attempt| attempt.socket == index && attempt.id == id)
+            else {
+                continue;
+            };
+            let attempt = exchange.attempts.swap_remove(position);
+            let plan = Rc::clone(&exchange.plan);
+            if let Some((zone, upstream)) = plan.member(exchange.zone, attempt.member) {
+                let error = Error::Io {
+                    addr: upstream.addr,
+                    source: io::ErrorKind::ConnectionRefused.into(),
+                };
+                zone.rotation.failed(attempt.member, zone.members.len());
+                upstream.metrics.record_failure();
+                upstream
+                    .health
+                    .failed(upstream.addr, &zone.name, &error, &self.by);
+            }
+            if exchange.current == Some(attempt.member) {
+                self.launch_next(token, now, io);
+            } else if exchange.attempts.is_empty() && exchange.current.is_none() {
+                self.finish(token, Failure::Timeout);
+            }
+        }
+        if let Some(socket) = self.sockets.get(&index) {
+            if socket.retired {
+                self.closing.push(index);
+            }
+        }
+    }
+
+    /// Ends exchange `token` without an answer.
+    fn finish(&mut self, token: u64, failure: Failure) {
+        if let Some(exchange) = self.exchanges.remove(&token) {
+            self.release(&exchange);
+        }
+        self.done.push(Done::Reply(Reply {
+            token,
+            outcome: Outcome::Failed(failure),
+        }));
+    }
+
+    /// Frees the IDs of `exchange`'s attempts; a retired socket left idle is queued to close.
+    fn release(&mut self, exchange: &Exchange) {
+        for attempt in &exchange.attempts {
+            let Some(socket) = self.sockets.get_mut(&attempt.socket) else {
+                continue;
+            };
+            socket.inflight.remove(&attempt.id);
+            if socket.retired && socket.inflight.is_empty() {
+                self.closing.push(attempt.socket);
+            }
+        }
+    }
+}
+
+impl Plan {
+    /// The plan for `setup`.
+    fn new(setup: ForwardSetup, generation: u64) -> Plan {
+        let ForwardSetup {
+            zones,
+            udp_payload,
+            metrics,
+        } = setup;
+        let addrs = upstream_addrs(&zones);
+        let upstreams = addrs
+            .iter()
+            .enumerate()
+            .map(|(index, &addr)| UpstreamPlan {
+                addr,
+                metrics: metrics
+                    .get(index)
+                    .filter(|metrics| metrics.addr() == addr)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(UpstreamMetrics::new(addr))),
+                sockets: RefCell::new([None; SOCKETS_PER_UPSTREAM]),
+                health: Health::default(),
+            })
+            .collect();
+        let router = Router::new(zones.iter().map(|zone| zone.zone.as_str()));
+        let zones = zones
+            .into_iter()
+            .map(|zone| ZonePlan {
+                members: zone
+                    .upstreams
+                    .iter()
+                    .filter_map(|addr| addrs.iter().position(|known| known == addr))
+                    .collect(),
+                local: zone.transport == Transport::Udp,
+                slice: slice_for(zone.timeout, zone.upstreams.len()),
+                timeout: zone.timeout,
+                rotation: Rotation::default(),
+                name: zone.zone,
+            })
+            .collect();
+        Plan {
+            generation,
+            router,
+            zones,
+            upstreams,
+            payload_limit: usize::from(udp_payload).max(512),
+        }
+    }
+
+    /// Zone `zone` and its member `member`'s upstream.
+    fn member(&self, zone: usize, member: usize) -> Option<(&ZonePlan, &UpstreamPlan)> {
+        let zone = self.zones.get(zone)?;
+        let upstream = self.upstreams.get(*zone.members.get(member)?)?;
+        Some((zone, upstream))
+    }
+}
+
+/// Where one attempt goes: an upstream of a plan, and whether that plan is still current.
+struct Target<'a> {
+    /// The upstream.
+    upstream: &'a UpstreamPlan,
+    /// Its plan's generation.
+    generation: u64,
+    /// The current plan's generation.
+    current: u64,
+    /// Queries a socket carries before it is replaced.
+    rotate_after: u64,
+}
+
+/// Sends `query` for exchange `token` to the target upstream on one of its sockets, picked at
+/// random (opened if the slot is empty or retired), under a random ID not in flight there. A
+/// socket opened for a plan that a reload replaced starts retired (it closes once idle; if
+/// nothing could be sent on it, it is queued on `closing` at once). Returns the socket and the
+/// ID.
+fn send_attempt(
+    sockets: &mut HashMap<u32, Socket, ahash::RandomState>,
+    closing: &mut Vec<u32>,
+    target: &Target<'_>,
+    query: &[u8],
+    token: u64,
+    io: &mut dyn UpstreamIo,
+) -> Result<(u32, u16), Error> {
+    let upstream = target.upstream;
+    let addr = upstream.addr;
+    let pick = rand::random_range(0..SOCKETS_PER_UPSTREAM);
+    let live = upstream.sockets.borrow()[pick]
+        .filter(|index| sockets.get(index).is_some_and(|socket| !socket.retired));
+    let index = match live {
+        Some(index) => index,
+        None => {
+            let index = io.open(addr).map_err(|source| Error::Io { addr, source })?;
+            sockets.insert(
+                index,
+                Socket {
+                    generation: target.generation,
+                    inflight: HashMap::default(),
+                    sent: 0,
+                    retired: target.generation != target.current,
+                    errors: 0,
+                },
+            );
+            upstream.sockets.borrow_mut()[pick] = Some(index);
+            index
+        }
+    };
+    let socket = sockets
+        .get_mut(&index)
+        .expect("the socket was found or inserted just above");
+    let id = (0..ID_TRIES)
+        .map(|_| rand::random::<u16>())
+        .find(|id| !socket.inflight.contains_key(id));
+    let Some(id) = id.filter(|&id| io.send(index, query, id)) else {
+        if socket.retired && socket.inflight.is_empty() {
+            closing.push(index);
+        }
+        return Err(match id {
+            None => Error::IdsExhausted { addr },
+            Some(_) => Error::Io {
+                addr,
+                source: io::ErrorKind::WouldBlock.into(),
+            },
+        });
+    };
+    socket.inflight.insert(id, token);
+    socket.sent += 1;
+    if socket.sent >= target.rotate_after {
+        socket.retired = true;
+        upstream.sockets.borrow_mut()[pick] = None;
+    }
+    Ok((index, id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::testutil::{answer, query};
+
+    /// What the exchanges did to the sockets.
+    #[derive(Debug, Default)]
+    struct FakeIo {
+        /// Index → the upstream it is connected to; `None` once closed.
+        open: Vec<Option<SocketAddr>>,
+        /// Every packet sent: socket index and bytes (with the attempt's ID).
+        sent: Vec<(u32, Vec<u8>)>,
+        /// Opening a socket to these fails.
+        unreachable: Vec<SocketAddr>,
+    }
+
+    impl UpstreamIo for FakeIo {
+        fn open(&mut self, addr: SocketAddr) -> io::Result<u32> {
+            if self.unreachable.contains(&addr) {
+                return Err(io::ErrorKind::NetworkUnreachable.into());
+            }
+            self.open.push(Some(addr));
+            Ok(u32::try_from(self.open.len() - 1).expect("few sockets"))
+        }
+
+        fn send(&mut self, socket: u32, query: &[u8], id: u16) -> bool {
+            let mut packet = query.to_vec();
+            route::set_id(&mut packet, id);
+            self.sent.push((socket, packet));
+            true
+        }
+
+        fn close(&mut self, socket: u32) {
+            let slot = self.open.get_mut(socket as usize).expect("known socket");
+            assert!(slot.take().is_some(), "closed twice");
+        }
+    }
+
+    impl FakeIo {
+        /// The upstream the `n`th sent packet went to.
+        fn sent_to(&self, n: usize) -> SocketAddr {
+            let (socket, _) = &self.sent[n];
+            self.open[*socket as usize].expect("sent on an open socket")
+        }
+
+        /// Open sockets.
+        fn open_count(&self) -> usize {
+            self.open.iter().flatten().count()
+        }
+    }
+
+    const FIRST: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::new(127, 0, 0, 11),
+        53,
+    ));
+    const SECOND: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::new(127, 0, 0, 12),
+        53,
+    ));
+
+    /// One zone `zone` over `transport` to `upstreams` with a 2 s budget.
+    fn setup(zone: &str, transport: Transport, upstreams: &[SocketAddr]) -> ForwardSetup {
+        ForwardSetup::new(
+            vec![ForwardZone {
+                zone: zone.to_owned(),
+                upstreams: upstreams.to_vec(),
+                transport,
+                timeout: Duration::from_secs(2),
+            }],
+            1232,
+        )
+    }
+
+    /// A request for `name` with token `token`.
+    fn request(token: u64, name: &str) -> Request {
+        Request {
+            worker: 0,
+            token,
+            query: query(name),
+            via: Via::Zone,
+        }
+    }
+
+    /// The finished exchanges.
+    fn done(exchanges: &mut Exchanges) -> Vec<Done> {
+        let mut taken = Vec::new();
+        exchanges.take_done(&mut taken);
+        taken
+    }
+
+    /// The one finished exchange, as a reply.
+    fn one_reply(exchanges: &mut Exchanges) -> Reply {
+        let mut taken = done(exchanges);
+        assert_eq!(taken.len(), 1, "{taken:?}");
+        match taken.pop() {
+            Some(Done::Reply(reply)) => reply,
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    /// The genuine answer to the `n`th packet sent, and the socket to deliver it on.
+    fn answer_to(io: &FakeIo, n: usize) -> (u32, Vec<u8>) {
+        let (socket, packet) = &io.sent[n];
+        (
+            *socket,
+            answer(packet, [10, 0, 0, 1], false).expect("answerable"),
+        )
+    }
+
+    #[test]
+    fn udp_zone_is_forwarded_here_and_the_answer_comes_back_with_id_zero() {
+        let setup = setup(".", Transport::Udp, &[FIRST]);
+        let metrics = Arc::clone(&setup.metrics[0]);
+        let mut exchanges = Exchanges::new(0, setup);
+        let mut io = FakeIo::default();
+        let now = Instant::now();
+        assert!(exchanges
+            .start(request(7, "www.example.com."), now, &mut io)
+            .is_none());
+        assert_eq!(io.sent.len(), 1);
+        assert_eq!(io.sent_to(0), FIRST);
+        let (socket, datagram) = answer_to(&io, 0);
+        exchanges.receive(socket, &datagram, false, now + Duration::from_millis(3));
+        let reply = one_reply(&mut exchanges);
+        assert_eq!(reply.token, 7);
+        let Outcome::Answer(bytes) = reply.outcome else {
+            panic!("expected an answer");
+        };
+        assert_eq!(&bytes[..2], &[0, 0], "ID restored to 0");
+        assert_eq!(&bytes[2..], &datagram[2..]);
+        assert!(exchanges.is_empty());
+        assert_eq!(metrics.durations(0).count(), 1);
+        assert_eq!(metrics.failures(), 0);
+    }
+
+    #[test]
+    fn tcp_and_prefer_udp_zones_and_unrouted_names_go_to_the_control_side() {
+        let mut io = FakeIo::default();
+        let now = Instant::now();
+        for transport in [Transport::Tcp, Transport::PreferUdp] {
+            let mut exchanges = Exchanges::new(0, setup(".", transport, &[FIRST]));
+            let back = exchanges.start(request(1, "a.example."), now, &mut io);
+            assert_eq!(back.map(|request| request.token), Some(1), "{transport:?}");
+        }
+        let mut exchanges = Exchanges::new(0, setup("cluster.local.", Transport::Udp, &[FIRST]));
+        let back = exchanges.start(request(2, "www.example.com."), now, &mut io);
+        assert!(back.is_some(), "no zone: the control side answers NoZone");
+        assert!(io.sent.is_empty());
+    }
+
+    #[test]
+    fn wrong_ids_questions_and_non_responses_are_ignored() {
+        let mut exchanges = Exchanges::new(0, setup(".", Transport::Udp, &[FIRST]));
+        let mut io = FakeIo::default();
+        let now = Instant::now();
+        exchanges.start(request(1, "www.example.com."), now, &mut io);
+        let (socket, genuine) = answer_to(&io, 0);
+        let mut wrong_id = genuine.clone();
+        wrong_id[0] ^= 0x5a;
+        let mut wrong_name = genuine.clone();
+        wrong_name[13] ^= 0x01;
+        let (_, reflected) = io.sent[0].clone();
+        for bogus in [wrong_id, wrong_name, reflected, vec![0xde, 0xad]] {
+            exchanges.receive(socket, &bogus, false, now);
+        }
+        exchanges.receive(socket + 1, &genuine, false, now);
+        assert!(done(&mut exchanges).is_empty());
+        assert_eq!(exchanges.ignored(), 5);
+        assert_eq!(exchanges.len(), 1, "still waiting");
+        exchanges.receive(socket, &genuine, false, now);
+        assert!(matches!(
+            one_reply(&mut exchanges).outcome,
+            Outcome::Answer(_)
+        ));
+    }
+
+    #[test]
+    fn truncated_answers_go_to_the_control_side_over_tcp() {
+        let mut exchanges = Exchanges::new(0, setup(".", Transport::Udp, &[FIRST]));
+        let mut io = FakeIo::default();
+        let now = Instant::now();
+        for (token, cut) in [(1, false), (2, true)] {
+            exchanges.start(request(token, "big.example."), now, &mut io);
+            let (socket, packet) = io.sent.last().cloned().expect("sent");
+            let datagram = answer(&packet, [10, 0, 0, 1], !cut).expect("answerable");
+            let later = now + Duration::from_millis(500);
+            exchanges.receive(socket, &datagram, cut, later);
+            let mut taken = done(&mut exchanges);
+            let Some(Done::Control(handed)) = taken.pop() else {
+                panic!("expected a hand-over, got {taken:?}");
+            };
+            assert_eq!(handed.token, token);
+            assert_eq!(
+                handed.via,
+                Via::Tcp {
+                    addr: FIRST,
+                    budget: Duration::from_millis(1500)
+                }
+            );
+            assert_eq!(
+                handed.query,
+                query("big.example."),
+                "ID 0 as the worker built it"
+            );
+        }
+    }
+
+    #[test]
+    fn a_slice_that_runs_out_moves_on_and_a_late_answer_still_counts() {
+        let setup = setup(".", Transport::Udp, &[FIRST, SECOND]);
+        let first_metrics = Arc::clone(&setup.metrics[0]);
+        let mut exchanges = Exchanges::new(0, setup);
+        let mut io = FakeIo::default();
+        let now = Instant::now();
+        exchanges.start(request(1, "slow.example."), now, &mut io);
+        assert_eq!(exchanges.next_timer(), Some(now + Duration::from_secs(1)));
+        exchanges.run(now + Duration::from_millis(999), &mut io);
+        assert_eq!(io.sent.len(), 1, "the slice is still running");
+        exchanges.run(now + Duration::from_secs(1), &mut io);
+        assert_eq!(io.sent.len(), 2);
+        assert_eq!((io.sent_to(0), io.sent_to(1)), (FIRST, SECOND));
+        assert_eq!(first_metrics.failures(), 1, "the slice ran out");
+        let (socket, late) = answer_to(&io, 0);
+        exchanges.receive(socket, &late, false, now + Duration::from_millis(1200));
+        assert!(matches!(
+            one_reply(&mut exchanges).outcome,
+            Outcome::Answer(_)
+        ));
+        // The first upstream answered, so the next request starts there again.
+        exchanges.start(request(2, "next.example."), now, &mut io);
+        assert_eq!(io.sent_to(2), FIRST);
+    }
+
+    #[test]
+    fn a_spent_budget_is_a_timeout() {
+        let setup = setup(".", Transport::Udp, &[FIRST, SECOND]);
+        let metrics: Vec<_> = setup.metrics.iter().map(Arc::clone).collect();
+        let mut exchanges = Exchanges::new(0, setup);
+        let mut io = FakeIo::default();
+        let now = Instant::now();
+        exchanges.start(request(1, "dead.example."), now, &mut io);
+        exchanges.run(now + Duration::from_secs(1), &mut io);
+        assert!(done(&mut exchanges).is_empty());
+        exchanges.run(now + Duration::from_secs(2), &mut io);
+        let reply = one_reply(&mut exchanges);
+        assert!(matches!(reply.outcome, Outcome::Failed(Failure::Timeout)));
+        assert!(exchanges.is_empty());
+        assert_eq!((metrics[0].failures(), metrics[1].failures()), (1, 1));
+        // A late answer finds nothing waiting.
+        let (socket, late) = answer_to(&io, 1);
+        exchanges.receive(socket, &late, false, now + Duration::from_secs(3));
+        assert!(done(&mut exchanges).is_empty());
+        assert_eq!(exchanges.ignored(), 1);
+    }
+
+    #[test]
+    fn a_refusing_upstream_hands_over_at_once() {
+        let mut exchanges = Exchanges::new(0, setup(".", Transport::Udp, &[FIRST, SECOND]));
+        let mut io = FakeIo::default();
+        let now = Instant::now();
+        exchanges.start(request(1, "www.example.com."), now, &mut io);
+        let (refused, _) = io.sent[0];
+        exchanges.receive_failed(refused);
+        exchanges.run(now, &mut io);
+        assert_eq!(io.sent.len(), 2);
+        assert_eq!(io.sent_to(1), SECOND);
+        let (socket, genuine) = answer_to(&io, 1);
+        exchanges.receive(socket, &genuine, false, now);
+        assert!(matches!(
+            one_reply(&mut exchanges).outcome,
+            Outcome::Answer(_)
+        ));
+        exchanges.start(request(2, "www.example.org."), now, &mut io);
+        assert_eq!(
+            io.sent_to(2),
+            SECOND,
+            "the answering upstream goes first now"
+        );
+    }
+
+    #[test]
+    fn a_refusal_of_the_last_upstream_fails_at_once() {
+        let mut exchanges = Exchanges::new(0, setup(".", Transport::Udp, &[FIRST]));
+        let mut io = FakeIo::default();
+        let now = Instant::now();
+        exchanges.start(request(1, "www.example.com."), now, &mut io);
+        exchanges.receive_failed(io.sent[0].0);
+        exchanges.run(now, &mut io);
+        let reply = one_reply(&mut exchanges);
+        assert!(matches!(reply.outcome, Outcome::Failed(Failure::Timeout)));
+    }
+
+    #[test]
+    fn an_upstream_without_a_socket_is_skipped() {
+        let mut exchanges = Exchanges::new(0, setup(".", Transport::Udp, &[FIRST, SECOND]));
+        let mut io = FakeIo {
+            unreachable: vec![FIRST],
+            ..FakeIo::default()
+        };
+        let now = Instant::now();
+        exchanges.start(request(1, "www.example.com."), now, &mut io);
+        assert_eq!(io.sent.len(), 1);
+        assert_eq!(io.sent_to(0), SECOND);
+        io.unreachable.push(SECOND);
+        let mut exchanges = Exchanges::new(0, setup(".", Transport::Udp, &[FIRST, SECOND]));
+        exchanges.start(request(2, "www.example.com."), now, &mut io);
+        let reply = one_reply(&mut exchanges);
+        assert!(matches!(reply.outcome, Outcome::Failed(Failure::Timeout)));
+    }
+
+    #[test]
+    fn sockets_are_replaced_after_their_quota_and_closed_once_idle() {
+        let mut exchanges = Exchanges::new(0, setup(".", Transport::Udp, &[FIRST]));
+        exchanges.rotate_after = 2;
+        let mut io = FakeIo::default();
+        let now = Instant::now();
+        let mut token = 0;
+        // Until some socket has carried two queries: it is retired but has one in flight.
+        let retired = loop {
+            token += 1;
+            exchanges.start(request(token, "www.example.com."), now, &mut io);
+            let socket = io.sent.last().expect("sent").0;
+            if io.sent.iter().filter(|(sent, _)| *sent == socket).count() == 2 {
+                break socket;
+            }
+            let (socket, genuine) = answer_to(&io, io.sent.len() - 1);
+            exchanges.receive(socket, &genuine, false, now);
+        };
+        exchanges.run(now, &mut io);
+        assert!(
+            io.open[retired as usize].is_some(),
+            "a query is still in flight"
+        );
+        let (socket, genuine) = answer_to(&io, io.sent.len() - 1);
+        exchanges.receive(socket, &genuine, false, now);
+        exchanges.run(now, &mut io);
+        assert!(io.open[retired as usize].is_none(), "closed once idle");
+        assert_eq!(exchanges.sockets(), io.open_count());
+    }
+
+    #[test]
+    fn a_reload_lets_exchanges_finish_on_the_old_upstreams() {
+        let mut exchanges = Exchanges::new(0, setup(".", Transport::Udp, &[FIRST]));
+        let mut io = FakeIo::default();
+        let now = Instant::now();
+        exchanges.start(request(1, "old.example."), now, &mut io);
+        exchanges.reconfigure(setup(".", Transport::Udp, &[SECOND]));
+        exchanges.run(now, &mut io);
+        assert_eq!(io.open_count(), 1, "the old socket waits for its answer");
+        exchanges.start(request(2, "new.example."), now, &mut io);
+        assert_eq!(io.sent_to(1), SECOND);
+        let (socket, genuine) = answer_to(&io, 0);
+        exchanges.receive(socket, &genuine, false, now);
+        assert_eq!(one_reply(&mut exchanges).token, 1);
+        exchanges.run(now, &mut io);
+        assert_eq!(
+            io.open_count(),
+            1,
+            "the old socket closed, the new one stays"
+        );
+        assert_eq!(io.open[socket as usize], None);
+    }
+}
