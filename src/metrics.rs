@@ -696,6 +696,8 @@ struct UpstreamTotals {
     failures: u64,
     /// Open pooled TCP connections.
     connections: u64,
+    /// Datagrams and frames ignored.
+    ignored: u64,
 }
 
 /// Sums the series of each upstream address over its writers (the control side and every
@@ -716,6 +718,7 @@ fn by_upstream(upstreams: &[Arc<UpstreamMetrics>]) -> Vec<UpstreamTotals> {
                         .collect(),
                     failures: 0,
                     connections: 0,
+                    ignored: 0,
                 });
                 totals.len() - 1
             }
@@ -726,6 +729,7 @@ fn by_upstream(upstreams: &[Arc<UpstreamMetrics>]) -> Vec<UpstreamTotals> {
         }
         total.failures += upstream.failures();
         total.connections += upstream.connections();
+        total.ignored += upstream.ignored();
     }
     totals
 }
@@ -895,15 +899,29 @@ fn ringdns_series(out: &mut Families, sources: &Sources, now: Instant) {
         "Client TCP connections closed for idleness.",
         total(Counter::TcpIdleClosed),
     );
+    let upstreams = by_upstream(&sources.upstreams);
     out.gauge(
         "ringdns_upstream_pool_connections",
         "Open pooled TCP connections per upstream.",
-        by_upstream(&sources.upstreams)
-            .into_iter()
+        upstreams
+            .iter()
             .map(|upstream| {
                 (
                     vec![("upstream", upstream.addr.to_string())],
                     upstream.connections as f64,
+                )
+            })
+            .collect(),
+    );
+    out.counter(
+        "ringdns_upstream_ignored_answers_total",
+        "Datagrams and frames from an upstream that answered nothing in flight (wrong ID or question, not a response, garbage): possible spoofing.",
+        upstreams
+            .iter()
+            .map(|upstream| {
+                (
+                    vec![("upstream", upstream.addr.to_string())],
+                    upstream.ignored,
                 )
             })
             .collect(),
@@ -1237,7 +1255,9 @@ mod tests {
         control.observe(0, Duration::from_micros(300));
         worker.observe(0, Duration::from_micros(400));
         worker.record_failure();
+        worker.record_ignored();
         control.set_connections(2);
+        control.set_ignored(2);
         let text = render(
             &Sources {
                 workers: vec![stats()],

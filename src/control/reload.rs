@@ -223,13 +223,19 @@ impl Live {
             changes.push(format!("listen_removed={}", join(&removed)));
         }
         let remove: Vec<u16> = removed.iter().map(|&addr| index_of(addr)).collect();
+        // The workers take the new zones only if the control side did, so both forward by
+        // the same configuration.
+        let mut forward_changed = forward_changed;
         if forward_changed {
             match self
                 .upstream
                 .reconfigure(new.forward.clone(), new.server.udp_payload)
             {
                 Ok(()) => changes.push(format!("forward_zones={}", new.forward.len())),
-                Err(error) => log::error!("reload: forward zones not applied: {error}"),
+                Err(error) => {
+                    log::error!("reload: forward zones not applied: {error}");
+                    forward_changed = false;
+                }
             }
         }
         let stats: Option<Vec<Arc<WorkerStats>>> = layout.as_ref().map(|layout| {

@@ -198,12 +198,16 @@ impl Forwarder {
             .collect()
     }
 
-    /// Publishes gauges that change without a request: open pooled connections.
+    /// Publishes what changes without a request: open pooled connections, and the datagrams
+    /// and frames ignored (counted per packet in [`UpstreamStats`]).
     pub(crate) fn publish(&self) {
         for upstream in &self.upstreams {
             upstream
                 .metrics
                 .set_connections(upstream.tcp.open_connections());
+            upstream
+                .metrics
+                .set_ignored(upstream.stats.borrow().ignored);
         }
     }
 
@@ -261,7 +265,13 @@ impl Forwarder {
             }
             Err(error) => {
                 upstream.failed("(tcp after truncation)", &error);
-                Outcome::Failed(Failure::Timeout)
+                // The rest of the budget goes to the zone's other upstreams, as a TCP failure
+                // inside a control-side attempt moves on to the next one.
+                let left = budget.saturating_sub(started.elapsed());
+                match tokio::time::timeout(left, self.resolve(query)).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => Outcome::Failed(Failure::Timeout),
+                }
             }
         }
     }
@@ -577,9 +587,9 @@ async fn prefer_udp(
     }
 }
 
-/// Whether an upstream is up or down, as last logged, and its failed attempts since the last
-/// answer. The control side keeps one per upstream; a worker that forwards over UDP itself keeps
-/// its own (its log lines name the worker).
+/// Whether an upstream is up or down, and its failed attempts since the last answer. The
+/// control side keeps one per upstream and logs every change; a worker that forwards over UDP
+/// itself keeps its own and logs changes at most every 10 s per upstream.
 #[derive(Debug, Default)]
 pub(crate) struct Health {
     /// Logged down and not yet up again.
@@ -589,24 +599,18 @@ pub(crate) struct Health {
 }
 
 impl Health {
-    /// An answer came: logs `addr` up again if it was down. `by` names who logs (e.g.
-    /// `" worker=0"`, or `""` for the control side).
-    pub(crate) fn succeeded(&self, addr: SocketAddr, by: &str) {
+    /// An answer came: `true` if the upstream was down (the caller logs it up again).
+    pub(crate) fn succeeded(&self) -> bool {
         self.failures.set(0);
-        if self.down.replace(false) {
-            info!("upstream up addr={addr}{by}");
-        }
+        self.down.replace(false)
     }
 
-    /// An attempt failed: logs `addr` down on the [`DOWN_AFTER_FAILURES`]th failure in a row.
-    pub(crate) fn failed(&self, addr: SocketAddr, zone: &str, error: &Error, by: &str) {
+    /// An attempt failed: the failures in a row if this one makes the upstream down (the
+    /// [`DOWN_AFTER_FAILURES`]th; the caller logs it), else `None`.
+    pub(crate) fn failed(&self) -> Option<u32> {
         let failures = self.failures.get().saturating_add(1);
         self.failures.set(failures);
-        if failures >= DOWN_AFTER_FAILURES && !self.down.replace(true) {
-            info!(
-                "upstream down addr={addr} zone={zone}{by} failures={failures} last_error=\"{error}\""
-            );
-        }
+        (failures >= DOWN_AFTER_FAILURES && !self.down.replace(true)).then_some(failures)
     }
 }
 
@@ -671,7 +675,9 @@ impl Upstream {
     /// Counts an answer; logs the upstream up again if it was down.
     fn succeeded(&self) {
         self.stats.borrow_mut().answers += 1;
-        self.health.succeeded(self.addr, "");
+        if self.health.succeeded() {
+            info!("upstream up addr={}", self.addr);
+        }
     }
 
     /// Counts a failed attempt; logs the upstream down on the [`DOWN_AFTER_FAILURES`]th in a row.
@@ -684,7 +690,12 @@ impl Upstream {
             }
         }
         self.metrics.record_failure();
-        self.health.failed(self.addr, zone, error, "");
+        if let Some(failures) = self.health.failed() {
+            info!(
+                "upstream down addr={} zone={zone} failures={failures} last_error=\"{error}\"",
+                self.addr
+            );
+        }
     }
 }
 

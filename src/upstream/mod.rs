@@ -258,8 +258,10 @@ const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 ///
 /// # Threads
 ///
-/// Owned by the control thread (`ringdns-ctl`), the only writer, with `Relaxed` load + store;
-/// shared (`Arc`) with `ringdns-http`, which only reads (`Relaxed`) at scrape time.
+/// Each instance has one writer, with `Relaxed` load + store: the control thread
+/// (`ringdns-ctl`) for its own, or the one worker that forwards to the upstream over UDP itself
+/// (`crate::worker::upstream`) for that worker's. Shared (`Arc`) with `ringdns-http`, which
+/// only reads (`Relaxed`) at scrape time and sums the instances of one address.
 #[derive(Debug)]
 pub struct UpstreamMetrics {
     /// The upstream.
@@ -271,6 +273,8 @@ pub struct UpstreamMetrics {
     failures: AtomicU64,
     /// Open pooled TCP connections, as last published.
     connections: AtomicU64,
+    /// Datagrams and frames ignored: wrong ID or question, not a response, garbage.
+    ignored: AtomicU64,
 }
 
 impl UpstreamMetrics {
@@ -283,6 +287,7 @@ impl UpstreamMetrics {
                 .collect(),
             failures: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            ignored: AtomicU64::new(0),
         }
     }
 
@@ -315,7 +320,12 @@ impl UpstreamMetrics {
         self.connections.load(Ordering::Relaxed)
     }
 
-    /// Records an exchange answered with `rcode` after `elapsed`. Control thread only.
+    /// Datagrams and frames ignored so far (wrong ID or question, not a response, garbage).
+    pub fn ignored(&self) -> u64 {
+        self.ignored.load(Ordering::Relaxed)
+    }
+
+    /// Records an exchange answered with `rcode` after `elapsed`. Its writer only.
     pub(crate) fn observe(&self, rcode: u8, elapsed: Duration) {
         let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         let base = usize::from(rcode) % RCODE_SLOTS * PROXY_DURATION_SLOTS;
@@ -323,7 +333,7 @@ impl UpstreamMetrics {
         add(self.durations.get(base + PROXY_DURATION_SLOTS - 1), nanos);
     }
 
-    /// Counts one failed attempt. Control thread only.
+    /// Counts one failed attempt. Its writer only.
     pub(crate) fn record_failure(&self) {
         add(Some(&self.failures), 1);
     }
@@ -331,6 +341,16 @@ impl UpstreamMetrics {
     /// Publishes the number of open pooled connections. Control thread only.
     pub(crate) fn set_connections(&self, open: usize) {
         self.connections.store(open as u64, Ordering::Relaxed);
+    }
+
+    /// Counts one ignored datagram. The owning worker only.
+    pub(crate) fn record_ignored(&self) {
+        add(Some(&self.ignored), 1);
+    }
+
+    /// Publishes the ignored datagrams and frames counted so far. Control thread only.
+    pub(crate) fn set_ignored(&self, ignored: u64) {
+        self.ignored.store(ignored, Ordering::Relaxed);
     }
 }
 

@@ -87,6 +87,12 @@ impl UdpSet {
             }
             other => other,
         };
+        if let Err(error) = &sent {
+            // An error pending on the connected socket (an ICMP report such as port
+            // unreachable) goes to whichever call comes first: a send that takes it speaks for
+            // every query on the socket, which would otherwise wait out their slices.
+            slot.fail_all(error.kind());
+        }
         sent.map_err(|source| Error::Io {
             addr: self.addr,
             source,

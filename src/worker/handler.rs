@@ -174,7 +174,6 @@ impl Handler {
                     query: dns::upstream_query(&query, udp_payload),
                     via: Via::Zone,
                 });
-                self.stats.bump(Counter::UpstreamRequests);
                 Action::Parked
             }
             Joined::Full => self.overloaded(&query, labels, out),

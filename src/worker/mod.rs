@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use nix::sys::eventfd::EventFd;
 use tokio::task::AbortHandle;
 
-use crate::upstream::{ControlLink, Failure, Outcome, Reply, Request};
+use crate::upstream::{ControlLink, Failure, Outcome, Reply, Request, Via};
 
 use handler::{Handler, Settings, TCP_MESSAGE_MAX};
 use pending::Origin;
@@ -334,11 +334,12 @@ fn forward(
     handler.take_requests(outbox);
     if let Udp::Uring(ring) = udp {
         for request in outbox.drain(..) {
-            if let Some(request) = exchanges.start(request, now, &mut **ring) {
-                to_control.push(request);
+            match exchanges.start(request, now, &mut **ring) {
+                Some(request) => to_control.push(request),
+                None => stats.bump(Counter::UpstreamRequests),
             }
         }
-        if !exchanges.is_empty() || exchanges.has_work() {
+        if exchanges.has_work() || exchanges.next_timer().is_some_and(|at| at <= now) {
             exchanges.run(now, &mut **ring);
         }
         exchanges.take_done(done);
@@ -361,7 +362,12 @@ fn forward(
     let mut wake = false;
     for request in to_control.drain(..) {
         let token = request.token;
+        // A TCP retry after a truncated answer (`Via::Tcp`) is not another miss.
+        let miss = request.via == Via::Zone;
         if control.requests.try_send(request).is_ok() {
+            if miss {
+                stats.bump(Counter::UpstreamRequests);
+            }
             wake = true;
         } else {
             let reply = Reply {

@@ -97,6 +97,9 @@ pub struct RingUdp {
     upstream_generations: Vec<u32>,
     /// Indices of closed upstream sockets, for reuse.
     upstream_free: Vec<u32>,
+    /// Per send slot: the upstream socket index and generation a query in it went to
+    /// (`None`: a client reply), so that a failed send reaches the exchanges.
+    slot_owners: Vec<Option<(u32, u32)>>,
     /// Registered with the ring: written by the kernel when completions (or deferred task
     /// work) are ready, so the worker's tokio loop can wait on it.
     events: Arc<EventFd>,
@@ -111,8 +114,14 @@ pub struct RingUdp {
 struct UpstreamSocket {
     /// Bound to a random port, connected to the upstream.
     socket: UdpSocket,
-    /// Whether its multishot receive is armed.
+    /// Whether its multishot receive is armed (its final CQE not yet reaped).
     armed: bool,
+    /// Closed by the exchanges: its receive is being cancelled; the socket is dropped and its
+    /// index freed only when the receive's final CQE arrives, so the kernel never acts on a
+    /// descriptor number that a later socket may reuse.
+    closing: bool,
+    /// Whether the cancel of its receive has been pushed.
+    cancelled: bool,
 }
 
 impl std::fmt::Debug for RingUdp {
@@ -172,6 +181,7 @@ impl RingUdp {
             upstream: Vec::new(),
             upstream_generations: Vec::new(),
             upstream_free: Vec::new(),
+            slot_owners: vec![None; usize::from(SEND_SLOTS)],
             events,
             unsubmitted: false,
             min_wait,
@@ -272,29 +282,51 @@ impl RingUdp {
         UPSTREAM_TAG | (generation << GENERATION_SHIFT) | index as u64
     }
 
-    /// Arms a multishot RecvMsg on every upstream socket that has none.
+    /// Arms a multishot RecvMsg on every open upstream socket that has none, and pushes the
+    /// cancel of every closing one whose cancel could not be pushed yet.
     fn arm_upstream_receives(&mut self) -> io::Result<()> {
         for index in 0..self.upstream.len() {
-            let Some(upstream) = &self.upstream[index] else {
-                continue;
-            };
-            if upstream.armed {
-                continue;
-            }
-            let entry = opcode::RecvMsgMulti::new(
-                Fd(upstream.socket.as_raw_fd()),
-                &*self.recv_msghdr,
-                BUF_GROUP,
-            )
-            .build()
-            .user_data(self.upstream_tag(index));
-            self.push(&entry)?;
-            if let Some(Some(upstream)) = self.upstream.get_mut(index) {
-                upstream.armed = true;
-            }
-            self.in_flight += 1;
+            self.arm_upstream(index)?;
         }
         Ok(())
+    }
+
+    /// Arms upstream socket `index`'s receive if it has none, or pushes its cancel if it is
+    /// closing and the cancel is not pushed yet.
+    fn arm_upstream(&mut self, index: usize) -> io::Result<()> {
+        let entry = match self.upstream.get(index) {
+            Some(Some(upstream)) if upstream.closing && upstream.armed && !upstream.cancelled => {
+                opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(upstream.socket.as_raw_fd())).all())
+                    .build()
+                    .user_data(CANCEL_TAG | index as u64)
+            }
+            Some(Some(upstream)) if !upstream.closing && !upstream.armed => {
+                let fd = Fd(upstream.socket.as_raw_fd());
+                opcode::RecvMsgMulti::new(fd, &*self.recv_msghdr, BUF_GROUP)
+                    .build()
+                    .user_data(self.upstream_tag(index))
+            }
+            _ => return Ok(()),
+        };
+        self.push(&entry)?;
+        self.in_flight += 1;
+        if let Some(Some(upstream)) = self.upstream.get_mut(index) {
+            if upstream.closing {
+                upstream.cancelled = true;
+            } else {
+                upstream.armed = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops closing upstream socket `index` (its receive is over) and frees its index.
+    fn free_upstream(&mut self, index: usize) {
+        if let Some(entry) = self.upstream.get_mut(index) {
+            *entry = None;
+            self.upstream_generations[index] = self.upstream_generations[index].wrapping_add(1);
+            self.upstream_free.push(index as u32);
+        }
     }
 
     /// Arms a multishot RecvMsg on every socket that has none (tombstones skipped).
@@ -436,10 +468,25 @@ impl RingUdp {
         let user_data = cqe.user_data();
         if user_data & SEND_TAG != 0 {
             self.in_flight -= 1;
+            let slot = (user_data & !SEND_TAG) as u16;
+            let owner = self
+                .slot_owners
+                .get_mut(usize::from(slot))
+                .and_then(Option::take);
             if cqe.result() < 0 {
-                stats.bump(Counter::SendErrors);
+                match owner {
+                    // An upstream query: the exchanges fail over (an ICMP error pending on a
+                    // connected socket is reported to the next send as often as to the receive).
+                    Some((index, generation))
+                        if self.upstream_generations.get(index as usize) == Some(&generation) =>
+                    {
+                        exchanges.socket_error(index, -cqe.result());
+                    }
+                    Some(_) => {}
+                    None => stats.bump(Counter::SendErrors),
+                }
             }
-            self.slots.release((user_data & !SEND_TAG) as u16);
+            self.slots.release(slot);
             return;
         }
         if user_data & CANCEL_TAG != 0 {
@@ -507,12 +554,18 @@ impl RingUdp {
         if !cqueue::more(cqe.flags()) {
             self.in_flight -= 1;
             if current {
-                if let Some(Some(upstream)) = self.upstream.get_mut(index) {
-                    upstream.armed = false;
-                }
-                if result < 0 && result != -libc::ENOBUFS && result != -libc::ECANCELED {
+                let closing = match self.upstream.get_mut(index) {
+                    Some(Some(upstream)) => {
+                        upstream.armed = false;
+                        upstream.closing
+                    }
+                    _ => false,
+                };
+                if closing {
+                    self.free_upstream(index);
+                } else if result < 0 && result != -libc::ENOBUFS && result != -libc::ECANCELED {
                     stats.bump(Counter::ReceiveErrors);
-                    exchanges.receive_failed(index as u32);
+                    exchanges.socket_error(index as u32, -result);
                 }
             }
         }
@@ -596,8 +649,10 @@ impl UpstreamIo for RingUdp {
         *entry = Some(UpstreamSocket {
             socket,
             armed: false,
+            closing: false,
+            cancelled: false,
         });
-        if let Err(error) = self.arm_upstream_receives() {
+        if let Err(error) = self.arm_upstream(index) {
             // Not armed (the submission queue stayed full): nothing references it yet.
             self.upstream[index] = None;
             self.upstream_free.push(index as u32);
@@ -633,28 +688,28 @@ impl UpstreamIo for RingUdp {
             return false;
         }
         self.in_flight += 1;
+        if let Some(owner) = self.slot_owners.get_mut(usize::from(slot)) {
+            *owner = Some((socket, self.upstream_generations[index]));
+        }
         true
     }
 
     fn close(&mut self, socket: u32) {
         let index = socket as usize;
-        let Some(upstream) = self.upstream.get_mut(index).and_then(Option::take) else {
-            return;
-        };
-        if upstream.armed {
-            let cancel =
-                opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(upstream.socket.as_raw_fd())).all())
-                    .build()
-                    .user_data(CANCEL_TAG | index as u64);
-            if self.push(&cancel).is_ok() {
-                self.in_flight += 1;
+        let armed = match self.upstream.get_mut(index) {
+            Some(Some(upstream)) if !upstream.closing => {
+                upstream.closing = true;
+                upstream.armed
             }
-            self.flush();
+            _ => return,
+        };
+        if !armed {
+            self.free_upstream(index);
+            return;
         }
-        self.upstream_generations[index] = self.upstream_generations[index].wrapping_add(1);
-        self.upstream_free.push(socket);
-        // io_uring holds its own file reference for the cancelled receive until its final CQE.
-        drop(upstream);
+        // The receive's final CQE (-ECANCELED) frees the socket; if the cancel cannot be pushed
+        // now, the next drain pushes it.
+        let _ = self.arm_upstream(index);
     }
 }
 

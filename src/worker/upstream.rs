@@ -21,7 +21,7 @@
 //! query's question.
 #![forbid(unsafe_code)]
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::io;
@@ -39,6 +39,10 @@ use crate::upstream::{
 
 /// Random IDs tried on a socket before the attempt fails (as the control side's tables).
 const ID_TRIES: usize = 64;
+
+/// A worker logs an upstream going down or up at most this often per upstream (STYLE §5: a
+/// worker never floods the log); the metrics count every failure.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// One worker's forwarding configuration, built by the control side.
 ///
@@ -107,14 +111,13 @@ pub struct Exchanges {
     sockets: HashMap<u32, Socket, ahash::RandomState>,
     /// When an exchange's slice or budget ends (stale entries are skipped when popped).
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
-    /// Sockets whose receive reported an error since the last [`Exchanges::run`].
-    errored: Vec<u32>,
+    /// Sockets whose receive or send reported an error (errno) since the last
+    /// [`Exchanges::run`].
+    errored: Vec<(u32, i32)>,
     /// Retired sockets that may have become idle (closed by [`Exchanges::run`]).
     closing: Vec<u32>,
     /// Finished exchanges, until the caller takes them.
     done: Vec<Done>,
-    /// Datagrams ignored: unknown ID, wrong question, not a response.
-    ignored: u64,
     /// Queries a socket carries before it is replaced ([`QUERIES_PER_SOCKET`]).
     rotate_after: u64,
 }
@@ -156,14 +159,18 @@ struct ZonePlan {
 /// One upstream address.
 #[derive(Debug)]
 struct UpstreamPlan {
+    /// Its index in [`Plan::upstreams`].
+    index: usize,
     /// The server.
     addr: SocketAddr,
     /// This worker's series for it.
     metrics: Arc<UpstreamMetrics>,
     /// Its live sockets (by the ring's index); an empty or retired slot is refilled when picked.
     sockets: RefCell<[Option<u32>; SOCKETS_PER_UPSTREAM]>,
-    /// Up or down, as last logged.
+    /// Up or down.
     health: Health,
+    /// When this worker last logged it going down or up.
+    logged: Cell<Option<Instant>>,
 }
 
 /// One open upstream socket.
@@ -171,6 +178,11 @@ struct UpstreamPlan {
 struct Socket {
     /// The plan whose upstream it belongs to.
     generation: u64,
+    /// That upstream (index into [`Plan::upstreams`]): a slot names a socket by the ring's
+    /// index, which the ring reuses once a socket closes, so the owner is checked.
+    upstream: usize,
+    /// That upstream's series (ignored datagrams are counted there).
+    metrics: Arc<UpstreamMetrics>,
     /// Queries in flight on it: DNS ID → exchange token.
     inflight: HashMap<u16, u64, ahash::RandomState>,
     /// Queries sent on it.
@@ -230,7 +242,6 @@ impl Exchanges {
             errored: Vec::new(),
             closing: Vec::new(),
             done: Vec::new(),
-            ignored: 0,
             rotate_after: QUERIES_PER_SOCKET,
         }
     }
@@ -291,7 +302,7 @@ impl Exchanges {
     /// the exchange keeps waiting.
     pub fn receive(&mut self, socket: u32, datagram: &[u8], cut: bool, now: Instant) {
         let Some(token) = self.accepts(socket, datagram) else {
-            self.ignored += 1;
+            self.ignore(socket);
             return;
         };
         let Some(exchange) = self.exchanges.remove(&token) else {
@@ -307,11 +318,17 @@ impl Exchanges {
             .find(|attempt| attempt.socket == socket && attempt.id == id)
             .copied();
         self.release(&exchange);
-        let Some(attempt) = attempt else {
-            return;
-        };
-        let plan = &exchange.plan;
-        let Some((zone, upstream)) = plan.member(exchange.zone, attempt.member) else {
+        let plan = Rc::clone(&exchange.plan);
+        let member = attempt.and_then(|attempt| {
+            let (zone, upstream) = plan.member(exchange.zone, attempt.member)?;
+            Some((attempt, zone, upstream))
+        });
+        let Some((attempt, zone, upstream)) = member else {
+            // Cannot happen (`accepts` found the attempt); never leave the clients waiting.
+            self.done.push(Done::Reply(Reply {
+                token,
+                outcome: Outcome::Failed(Failure::Timeout),
+            }));
             return;
         };
         let truncated = cut || route::is_truncated(datagram) || datagram.len() > plan.payload_limit;
@@ -331,8 +348,10 @@ impl Exchanges {
         upstream
             .metrics
             .observe(rcode, now.saturating_duration_since(attempt.started));
-        upstream.health.succeeded(upstream.addr, &self.by);
         zone.rotation.succeeded(attempt.member);
+        if upstream.health.succeeded() && upstream.may_log(now) {
+            log::info!("upstream up addr={}{}", upstream.addr, self.by);
+        }
         let mut answer = datagram.to_vec();
         route::set_id(&mut answer, 0);
         self.done.push(Done::Reply(Reply {
@@ -341,18 +360,19 @@ impl Exchanges {
         }));
     }
 
-    /// The receive on upstream socket `socket` failed (an ICMP report such as port
-    /// unreachable: it concerns the one upstream every query on it went to). Handled by the
+    /// The receive or a send on upstream socket `socket` failed with `errno` (typically an
+    /// ICMP report such as port unreachable, which the kernel hands to whichever call comes
+    /// first; it concerns the one upstream every query on the socket went to). Handled by the
     /// next [`Exchanges::run`].
-    pub fn receive_failed(&mut self, socket: u32) {
-        self.errored.push(socket);
+    pub fn socket_error(&mut self, socket: u32, errno: i32) {
+        self.errored.push((socket, errno));
     }
 
     /// Fails over the exchanges hit by receive errors, ends slices and budgets that ran out
     /// by `now`, and closes idle retired sockets.
     pub fn run(&mut self, now: Instant, io: &mut dyn UpstreamIo) {
-        for socket in std::mem::take(&mut self.errored) {
-            self.socket_failed(socket, now, io);
+        for (socket, errno) in std::mem::take(&mut self.errored) {
+            self.socket_failed(socket, errno, now, io);
         }
         while let Some(&Reverse((at, token))) = self.timers.peek() {
             if at > now {
@@ -383,9 +403,19 @@ impl Exchanges {
         !self.done.is_empty() || !self.errored.is_empty() || !self.closing.is_empty()
     }
 
-    /// When [`Exchanges::run`] next has a slice or budget to end.
-    pub fn next_timer(&self) -> Option<Instant> {
-        self.timers.peek().map(|&Reverse((at, _))| at)
+    /// When [`Exchanges::run`] next has a slice or budget to end. Entries of exchanges that
+    /// already finished are dropped here, so an idle worker's timer does not fire for them.
+    pub fn next_timer(&mut self) -> Option<Instant> {
+        if self.exchanges.is_empty() {
+            self.timers.clear();
+        }
+        while let Some(&Reverse((at, token))) = self.timers.peek() {
+            if self.exchanges.contains_key(&token) {
+                return Some(at);
+            }
+            self.timers.pop();
+        }
+        None
     }
 
     /// Exchanges in flight.
@@ -403,9 +433,11 @@ impl Exchanges {
         self.sockets.len()
     }
 
-    /// Datagrams ignored so far (unknown ID, wrong question, not a response).
-    pub fn ignored(&self) -> u64 {
-        self.ignored
+    /// Counts a datagram on `socket` that answers nothing in flight, under its upstream.
+    fn ignore(&self, socket: u32) {
+        if let Some(socket) = self.sockets.get(&socket) {
+            socket.metrics.record_ignored();
+        }
     }
 
     /// The token of the exchange `datagram` answers on `socket`: a response whose ID is in
@@ -419,7 +451,8 @@ impl Exchanges {
     }
 
     /// Starts the next member's attempt of exchange `token`, skipping members whose attempt
-    /// fails outright; fails the exchange when nothing is left listening and no member is left.
+    /// fails outright; fails the exchange when nothing is left listening and no member is left
+    /// (or, when this worker has no send slot or queue space left, at once: `Overloaded`).
     fn launch_next(&mut self, token: u64, now: Instant, io: &mut dyn UpstreamIo) {
         let current = self.plan.generation;
         let Self {
@@ -435,6 +468,7 @@ impl Exchanges {
         };
         exchange.current = None;
         exchange.slice_end = exchange.deadline;
+        let mut overloaded = false;
         for member in exchange.order.by_ref() {
             let plan = Rc::clone(&exchange.plan);
             let Some((zone, upstream)) = plan.member(exchange.zone, member) else {
@@ -458,18 +492,20 @@ impl Exchanges {
                     exchange.slice_end = (now + zone.slice).min(exchange.deadline);
                     break;
                 }
-                Err(error) => {
-                    zone.rotation.failed(member, zone.members.len());
-                    upstream.metrics.record_failure();
-                    upstream
-                        .health
-                        .failed(upstream.addr, &zone.name, &error, by);
+                Err(AttemptError::Upstream(error)) => {
+                    fail_member(zone, member, upstream, &error, by, now);
+                }
+                Err(AttemptError::Local) => {
+                    // Not the upstream's fault: charge nothing to it, try nobody else now.
+                    overloaded = true;
+                    break;
                 }
             }
         }
         let next = (!exchange.attempts.is_empty()).then_some(exchange.slice_end);
         match next {
             Some(at) => self.timers.push(Reverse((at, token))),
+            None if overloaded => self.finish(token, Failure::Overloaded),
             None => self.finish(token, Failure::Timeout),
         }
     }
@@ -494,11 +530,7 @@ impl Exchanges {
                         addr: upstream.addr,
                         after: zone.slice,
                     };
-                    zone.rotation.failed(member, zone.members.len());
-                    upstream.metrics.record_failure();
-                    upstream
-                        .health
-                        .failed(upstream.addr, &zone.name, &error, &self.by);
+                    fail_member(zone, member, upstream, &error, &self.by, now);
                 }
             }
         }
@@ -509,17 +541,19 @@ impl Exchanges {
         self.launch_next(token, now, io);
     }
 
-    /// Socket `index` reported a receive error: every attempt on it failed.
-    fn socket_failed(&mut self, index: u32, now: Instant, io: &mut dyn UpstreamIo) {
+    /// Socket `index` reported `errno`: every attempt on it failed.
+    fn socket_failed(&mut self, index: u32, errno: i32, now: Instant, io: &mut dyn UpstreamIo) {
         let Some(socket) = self.sockets.get_mut(&index) else {
             return;
         };
         socket.errors += 1;
         if socket.errors >= MAX_CONSECUTIVE_ERRORS {
             socket.retired = true;
-            self.closing.push(index);
         }
         let failed: Vec<(u16, u64)> = socket.inflight.drain().collect();
+        if socket.retired {
+            self.closing.push(index);
+        }
         for (id, token) in failed {
             let Some(exchange) = self.exchanges.get_mut(&token) else {
                 continue;
@@ -536,23 +570,14 @@ impl Exchanges {
             if let Some((zone, upstream)) = plan.member(exchange.zone, attempt.member) {
                 let error = Error::Io {
                     addr: upstream.addr,
-                    source: io::ErrorKind::ConnectionRefused.into(),
+                    source: io::Error::from_raw_os_error(errno),
                 };
-                zone.rotation.failed(attempt.member, zone.members.len());
-                upstream.metrics.record_failure();
-                upstream
-                    .health
-                    .failed(upstream.addr, &zone.name, &error, &self.by);
+                fail_member(zone, attempt.member, upstream, &error, &self.by, now);
             }
             if exchange.current == Some(attempt.member) {
                 self.launch_next(token, now, io);
             } else if exchange.attempts.is_empty() && exchange.current.is_none() {
                 self.finish(token, Failure::Timeout);
-            }
-        }
-        if let Some(socket) = self.sockets.get(&index) {
-            if socket.retired {
-                self.closing.push(index);
             }
         }
     }
@@ -595,6 +620,7 @@ impl Plan {
             .iter()
             .enumerate()
             .map(|(index, &addr)| UpstreamPlan {
+                index,
                 addr,
                 metrics: metrics
                     .get(index)
@@ -603,6 +629,7 @@ impl Plan {
                     .unwrap_or_else(|| Arc::new(UpstreamMetrics::new(addr))),
                 sockets: RefCell::new([None; SOCKETS_PER_UPSTREAM]),
                 health: Health::default(),
+                logged: Cell::new(None),
             })
             .collect();
         let router = Router::new(zones.iter().map(|zone| zone.zone.as_str()));
@@ -638,6 +665,55 @@ impl Plan {
     }
 }
 
+impl UpstreamPlan {
+    /// Whether this worker may log a change of this upstream's health at `now` (at most once
+    /// per [`LOG_INTERVAL`]); if so, the log is taken to happen now.
+    fn may_log(&self, now: Instant) -> bool {
+        let due = self
+            .logged
+            .get()
+            .is_none_or(|last| now.saturating_duration_since(last) >= LOG_INTERVAL);
+        if due {
+            self.logged.set(Some(now));
+        }
+        due
+    }
+}
+
+/// Member `member` of `zone` (upstream `upstream`) failed an attempt with `error`: the next
+/// request starts at the following member, the failure is counted, and a change to down is
+/// logged (rate-limited). `by` names the worker in the log line.
+fn fail_member(
+    zone: &ZonePlan,
+    member: usize,
+    upstream: &UpstreamPlan,
+    error: &Error,
+    by: &str,
+    now: Instant,
+) {
+    zone.rotation.failed(member, zone.members.len());
+    upstream.metrics.record_failure();
+    if let Some(failures) = upstream.health.failed() {
+        if upstream.may_log(now) {
+            log::info!(
+                "upstream down addr={} zone={}{by} failures={failures} last_error=\"{error}\"",
+                upstream.addr,
+                zone.name
+            );
+        }
+    }
+}
+
+/// Why an attempt could not be sent.
+#[derive(Debug)]
+enum AttemptError {
+    /// Because of the upstream (no socket to it, no free ID on the socket): counted against
+    /// it, and the next member is tried.
+    Upstream(Error),
+    /// Because this worker has no send slot or submission queue space left.
+    Local,
+}
+
 /// Where one attempt goes: an upstream of a plan, and whether that plan is still current.
 struct Target<'a> {
     /// The upstream.
@@ -651,10 +727,10 @@ struct Target<'a> {
 }
 
 /// Sends `query` for exchange `token` to the target upstream on one of its sockets, picked at
-/// random (opened if the slot is empty or retired), under a random ID not in flight there. A
-/// socket opened for a plan that a reload replaced starts retired (it closes once idle; if
-/// nothing could be sent on it, it is queued on `closing` at once). Returns the socket and the
-/// ID.
+/// random (opened if the slot is empty, or its socket is retired or, its index having been
+/// reused, no longer this upstream's), under a random ID not in flight there. A socket opened
+/// for a plan that a reload replaced starts retired (it closes once idle; if nothing could be
+/// sent on it, it is queued on `closing` at once). Returns the socket and the ID.
 fn send_attempt(
     sockets: &mut HashMap<u32, Socket, ahash::RandomState>,
     closing: &mut Vec<u32>,
@@ -662,20 +738,29 @@ fn send_attempt(
     query: &[u8],
     token: u64,
     io: &mut dyn UpstreamIo,
-) -> Result<(u32, u16), Error> {
+) -> Result<(u32, u16), AttemptError> {
     let upstream = target.upstream;
     let addr = upstream.addr;
     let pick = rand::random_range(0..SOCKETS_PER_UPSTREAM);
-    let live = upstream.sockets.borrow()[pick]
-        .filter(|index| sockets.get(index).is_some_and(|socket| !socket.retired));
+    let live = upstream.sockets.borrow()[pick].filter(|index| {
+        sockets.get(index).is_some_and(|socket| {
+            !socket.retired
+                && socket.generation == target.generation
+                && socket.upstream == upstream.index
+        })
+    });
     let index = match live {
         Some(index) => index,
         None => {
-            let index = io.open(addr).map_err(|source| Error::Io { addr, source })?;
+            let index = io
+                .open(addr)
+                .map_err(|source| AttemptError::Upstream(Error::Io { addr, source }))?;
             sockets.insert(
                 index,
                 Socket {
                     generation: target.generation,
+                    upstream: upstream.index,
+                    metrics: Arc::clone(&upstream.metrics),
                     inflight: HashMap::default(),
                     sent: 0,
                     retired: target.generation != target.current,
@@ -697,11 +782,8 @@ fn send_attempt(
             closing.push(index);
         }
         return Err(match id {
-            None => Error::IdsExhausted { addr },
-            Some(_) => Error::Io {
-                addr,
-                source: io::ErrorKind::WouldBlock.into(),
-            },
+            None => AttemptError::Upstream(Error::IdsExhausted { addr }),
+            Some(_) => AttemptError::Local,
         });
     };
     socket.inflight.insert(id, token);
@@ -727,6 +809,8 @@ mod tests {
         sent: Vec<(u32, Vec<u8>)>,
         /// Opening a socket to these fails.
         unreachable: Vec<SocketAddr>,
+        /// No send slot is free.
+        full: bool,
     }
 
     impl UpstreamIo for FakeIo {
@@ -734,11 +818,19 @@ mod tests {
             if self.unreachable.contains(&addr) {
                 return Err(io::ErrorKind::NetworkUnreachable.into());
             }
+            // Like the ring: a closed socket's index is reused first.
+            if let Some(index) = self.open.iter().position(Option::is_none) {
+                self.open[index] = Some(addr);
+                return Ok(u32::try_from(index).expect("few sockets"));
+            }
             self.open.push(Some(addr));
             Ok(u32::try_from(self.open.len() - 1).expect("few sockets"))
         }
 
         fn send(&mut self, socket: u32, query: &[u8], id: u16) -> bool {
+            if self.full {
+                return false;
+            }
             let mut packet = query.to_vec();
             route::set_id(&mut packet, id);
             self.sent.push((socket, packet));
@@ -865,7 +957,9 @@ mod tests {
 
     #[test]
     fn wrong_ids_questions_and_non_responses_are_ignored() {
-        let mut exchanges = Exchanges::new(0, setup(".", Transport::Udp, &[FIRST]));
+        let setup = setup(".", Transport::Udp, &[FIRST]);
+        let metrics = Arc::clone(&setup.metrics[0]);
+        let mut exchanges = Exchanges::new(0, setup);
         let mut io = FakeIo::default();
         let now = Instant::now();
         exchanges.start(request(1, "www.example.com."), now, &mut io);
@@ -880,7 +974,7 @@ mod tests {
         }
         exchanges.receive(socket + 1, &genuine, false, now);
         assert!(done(&mut exchanges).is_empty());
-        assert_eq!(exchanges.ignored(), 5);
+        assert_eq!(metrics.ignored(), 4, "counted under the socket's upstream");
         assert_eq!(exchanges.len(), 1, "still waiting");
         exchanges.receive(socket, &genuine, false, now);
         assert!(matches!(
@@ -965,7 +1059,7 @@ mod tests {
         let (socket, late) = answer_to(&io, 1);
         exchanges.receive(socket, &late, false, now + Duration::from_secs(3));
         assert!(done(&mut exchanges).is_empty());
-        assert_eq!(exchanges.ignored(), 1);
+        assert_eq!(metrics[1].ignored(), 1);
     }
 
     #[test]
@@ -975,7 +1069,7 @@ mod tests {
         let now = Instant::now();
         exchanges.start(request(1, "www.example.com."), now, &mut io);
         let (refused, _) = io.sent[0];
-        exchanges.receive_failed(refused);
+        exchanges.socket_error(refused, libc::ECONNREFUSED);
         exchanges.run(now, &mut io);
         assert_eq!(io.sent.len(), 2);
         assert_eq!(io.sent_to(1), SECOND);
@@ -999,7 +1093,7 @@ mod tests {
         let mut io = FakeIo::default();
         let now = Instant::now();
         exchanges.start(request(1, "www.example.com."), now, &mut io);
-        exchanges.receive_failed(io.sent[0].0);
+        exchanges.socket_error(io.sent[0].0, libc::ECONNREFUSED);
         exchanges.run(now, &mut io);
         let reply = one_reply(&mut exchanges);
         assert!(matches!(reply.outcome, Outcome::Failed(Failure::Timeout)));
@@ -1051,6 +1145,84 @@ mod tests {
         exchanges.run(now, &mut io);
         assert!(io.open[retired as usize].is_none(), "closed once idle");
         assert_eq!(exchanges.sockets(), io.open_count());
+    }
+
+    #[test]
+    fn an_answered_exchange_leaves_no_timer_behind() {
+        let mut exchanges = Exchanges::new(0, setup(".", Transport::Udp, &[FIRST]));
+        let mut io = FakeIo::default();
+        let now = Instant::now();
+        exchanges.start(request(1, "www.example.com."), now, &mut io);
+        assert!(exchanges.next_timer().is_some());
+        let (socket, genuine) = answer_to(&io, 0);
+        exchanges.receive(socket, &genuine, false, now);
+        assert!(matches!(
+            one_reply(&mut exchanges).outcome,
+            Outcome::Answer(_)
+        ));
+        assert_eq!(
+            exchanges.next_timer(),
+            None,
+            "an idle worker's timer must not fire"
+        );
+    }
+
+    #[test]
+    fn a_socket_index_reused_by_another_upstream_is_not_taken_for_this_one() {
+        let zones = vec![
+            ForwardZone {
+                zone: "cluster.local.".to_owned(),
+                upstreams: vec![FIRST],
+                transport: Transport::Udp,
+                timeout: Duration::from_secs(2),
+            },
+            ForwardZone {
+                zone: ".".to_owned(),
+                upstreams: vec![SECOND],
+                transport: Transport::Udp,
+                timeout: Duration::from_secs(2),
+            },
+        ];
+        let mut exchanges = Exchanges::new(0, ForwardSetup::new(zones, 1232));
+        let mut io = FakeIo::default();
+        let now = Instant::now();
+        exchanges.start(request(1, "www.example.com."), now, &mut io);
+        let (second, _) = io.sent[0];
+        assert_eq!(io.sent_to(0), SECOND);
+        // Every slot of the cluster upstream names the index the other upstream's socket now
+        // has (as after that upstream's own socket was retired, closed and its index reused).
+        *exchanges.plan.upstreams[0].sockets.borrow_mut() = [Some(second); SOCKETS_PER_UPSTREAM];
+        exchanges.start(
+            request(2, "kube-dns.kube-system.svc.cluster.local."),
+            now,
+            &mut io,
+        );
+        assert_eq!(
+            io.sent_to(1),
+            FIRST,
+            "a cluster name must never reach the other upstream"
+        );
+        assert_ne!(io.sent[1].0, second);
+    }
+
+    #[test]
+    fn no_send_slot_is_overload_not_an_upstream_failure() {
+        let setup = setup(".", Transport::Udp, &[FIRST, SECOND]);
+        let metrics: Vec<_> = setup.metrics.iter().map(Arc::clone).collect();
+        let mut exchanges = Exchanges::new(0, setup);
+        let mut io = FakeIo {
+            full: true,
+            ..FakeIo::default()
+        };
+        let now = Instant::now();
+        exchanges.start(request(1, "www.example.com."), now, &mut io);
+        let reply = one_reply(&mut exchanges);
+        assert!(matches!(
+            reply.outcome,
+            Outcome::Failed(Failure::Overloaded)
+        ));
+        assert_eq!((metrics[0].failures(), metrics[1].failures()), (0, 0));
+        assert!(exchanges.is_empty());
     }
 
     #[test]

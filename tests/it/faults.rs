@@ -29,6 +29,7 @@ backend_tests!(
     identical_concurrent_misses_are_coalesced,
     a_silent_first_upstream_hands_over_to_the_second,
     a_refusing_upstream_hands_over_at_once,
+    an_idle_server_sleeps_after_misses_end,
 );
 
 /// Where FaultyUpstream listens.
@@ -338,5 +339,48 @@ fn a_refusing_upstream_hands_over_at_once(io: Io) -> anyhow::Result<()> {
         assert_eq!(reply.rcode, OptRcode::NOERROR, "{name}: {reply:?}");
         assert_eq!(live.queries(&name), 1, "{name}");
     }
+    dns.stop()?;
+    // Many at once, on a fresh server: the refusal (ICMP port unreachable, pending on the
+    // connected socket) reaches whichever operation comes next, a receive or one of the
+    // other queries' sends; either way every query moves on at once.
+    let mut dns = Ringdns::start(&config)?;
+    let server = dns.udp();
+    let names: Vec<String> = (70..90).map(zones::svc).collect();
+    let sockets = names
+        .iter()
+        .map(|_| client::udp_socket(server))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for (name, socket) in names.iter().zip(&sockets) {
+        socket.send_to(&Query::new(name, Rtype::A).to_wire(), server)?;
+    }
+    for (name, socket) in names.iter().zip(&sockets) {
+        let raw = client::udp_receive(socket, server, client::DEFAULT_TIMEOUT)?
+            .ok_or_else(|| anyhow::anyhow!("{name}: no answer within 5 s"))?;
+        let reply = Reply::parse(&raw)?;
+        assert_eq!(reply.rcode, OptRcode::NOERROR, "{name}: {reply:?}");
+    }
     dns.stop()
+}
+
+/// After its misses are answered or have failed, an idle server sleeps: it uses far less than
+/// a core while nothing arrives (a leftover deadline of a finished miss once made a worker
+/// spin on its timer).
+fn an_idle_server_sleeps_after_misses_end(io: Io) -> anyhow::Result<()> {
+    let _ns = enter_netns!(&format!("an_idle_server_sleeps_after_misses_end/{io}"));
+    let mut stack = FaultStack::start(io, "udp", 2)?;
+    for n in 91..95 {
+        assert_eq!(stack.ask(&zones::svc(n))?.rcode, OptRcode::NOERROR);
+    }
+    stack.upstream.set_mode(Mode::Drop);
+    assert_eq!(stack.ask(&zones::svc(95))?.rcode, OptRcode::SERVFAIL);
+    // Every budget (1 s) has ended; leftover deadlines would now be due.
+    thread::sleep(Duration::from_millis(1500));
+    let before = stack.dns.cpu_time()?;
+    thread::sleep(Duration::from_secs(2));
+    let used = stack.dns.cpu_time()?.saturating_sub(before);
+    assert!(
+        used < Duration::from_millis(500),
+        "an idle ringdns used {used:?} of CPU in 2 s"
+    );
+    stack.dns.stop()
 }

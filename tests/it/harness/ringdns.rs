@@ -450,6 +450,25 @@ impl Ringdns {
         child.wait().context("reaping ringdns")
     }
 
+    /// CPU time (user + system, all threads) the process has used so far.
+    pub fn cpu_time(&self) -> anyhow::Result<Duration> {
+        let child = self.child.as_ref().context("ringdns already stopped")?;
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id()))?;
+        // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+        let rest = stat.rsplit_once(") ").context("/proc/PID/stat format")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = fields
+            .get(11..13)
+            .context("utime and stime present")?
+            .iter()
+            .map(|field| field.parse::<u64>())
+            .sum::<Result<u64, _>>()?;
+        let hz =
+            nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.context("CLK_TCK known")?;
+        let hz = u64::try_from(hz)?.max(1);
+        Ok(Duration::from_millis(ticks * 1000 / hz))
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
