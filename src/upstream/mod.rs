@@ -26,7 +26,9 @@ pub(crate) mod testutil;
 mod udp;
 
 pub(crate) use forward::{slice_for, Health, Order, Rotation};
-pub(crate) use udp::{MAX_CONSECUTIVE_ERRORS, QUERIES_PER_SOCKET, SOCKETS_PER_UPSTREAM};
+pub(crate) use udp::{
+    Retransmit, MAX_CONSECUTIVE_ERRORS, QUERIES_PER_SOCKET, SOCKETS_PER_UPSTREAM,
+};
 
 use std::io;
 use std::net::SocketAddr;

@@ -13,6 +13,7 @@ use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::rc::Rc;
+use std::time::Duration;
 
 use tokio::net::UdpSocket;
 use tokio::sync::Notify;
@@ -27,6 +28,55 @@ pub(crate) const SOCKETS_PER_UPSTREAM: usize = 8;
 
 /// Queries sent on one socket before it is replaced by one on a new random port.
 pub(crate) const QUERIES_PER_SOCKET: u64 = 10_000;
+
+/// An unanswered UDP query is sent again (same socket, same ID: whichever copy is answered
+/// first counts) after [`Retransmit::timeout`], never sooner than this, then after twice as
+/// long, and so on while its upstream's slice of the budget lasts. A datagram lost on the way,
+/// say to an upstream's full receive buffer in a burst of misses, then costs this much instead
+/// of the whole slice and a SERVFAIL. (Unbound starts an unknown server at 376 ms; a node's
+/// upstreams are close by.)
+pub(crate) const RETRANSMIT_AFTER: Duration = Duration::from_millis(250);
+
+/// When to send an unanswered query to one upstream again: RFC 6298 §2's estimator over the
+/// upstream's answer times (smoothed RTT plus four deviations), never below
+/// [`RETRANSMIT_AFTER`], so an upstream that is slow by nature (a recursive resolver) is not
+/// sent duplicates of most queries.
+///
+/// # Threads
+///
+/// Owned by whoever queries the upstream (`ringdns-ctl`, or one worker); not shared.
+#[derive(Debug, Default)]
+pub(crate) struct Retransmit {
+    /// Smoothed answer time; `None` before the first sample.
+    srtt: Cell<Option<Duration>>,
+    /// Its mean deviation.
+    rttvar: Cell<Duration>,
+}
+
+impl Retransmit {
+    /// Records the answer time of a query that was sent once (a retransmitted one's answer
+    /// could be to either copy: Karn's rule, RFC 6298 §3).
+    pub(crate) fn observe(&self, rtt: Duration) {
+        match self.srtt.get() {
+            None => {
+                self.srtt.set(Some(rtt));
+                self.rttvar.set(rtt / 2);
+            }
+            Some(srtt) => {
+                let deviation = srtt.abs_diff(rtt);
+                self.rttvar.set(self.rttvar.get() * 3 / 4 + deviation / 4);
+                self.srtt.set(Some(srtt * 7 / 8 + rtt / 8));
+            }
+        }
+    }
+
+    /// How long to wait before the first retransmission.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.srtt.get().map_or(RETRANSMIT_AFTER, |srtt| {
+            (srtt + self.rttvar.get() * 4).max(RETRANSMIT_AFTER)
+        })
+    }
+}
 
 /// Consecutive receive errors (ICMP reports) after which a socket is retired, so a persistently
 /// failing socket cannot spin its reader.
@@ -46,6 +96,8 @@ pub(crate) struct UdpSet {
     slots: RefCell<Vec<Option<Rc<Slot>>>>,
     /// The upstream's counters.
     stats: Rc<RefCell<UpstreamStats>>,
+    /// When to send an unanswered query again.
+    retransmit: Retransmit,
 }
 
 impl UdpSet {
@@ -62,6 +114,7 @@ impl UdpSet {
             rotate_after: rotate_after.max(1),
             slots: RefCell::new(vec![None; SOCKETS_PER_UPSTREAM]),
             stats,
+            retransmit: Retransmit::default(),
         }
     }
 
@@ -102,14 +155,35 @@ impl UdpSet {
         if slot.sent.get() >= self.rotate_after {
             self.retire(&slot);
         }
-        match answer.await {
-            Ok(result) => result,
-            // The reader only drops a waiter by answering or failing it; this is unreachable in
-            // practice, but a closed socket is the honest description.
-            Err(_) => Err(Error::Closed {
-                addr: self.addr,
-                reused: false,
-            }),
+        tokio::pin!(answer);
+        let sent_at = tokio::time::Instant::now();
+        let mut wait = self.retransmit.timeout();
+        let mut copies = 1u32;
+        loop {
+            tokio::select! {
+                result = &mut answer => return match result {
+                    Ok(result) => {
+                        if copies == 1 && result.is_ok() {
+                            self.retransmit.observe(sent_at.elapsed());
+                        }
+                        result
+                    }
+                    // The reader only drops a waiter by answering or failing it; this is
+                    // unreachable in practice, but a closed socket is the honest description.
+                    Err(_) => Err(Error::Closed {
+                        addr: self.addr,
+                        reused: false,
+                    }),
+                },
+                () = tokio::time::sleep(wait) => {
+                    // A full socket buffer skips this copy; the next one may go.
+                    if try_send_with_id(&slot.socket, query, id).is_ok() {
+                        self.stats.borrow_mut().queries += 1;
+                        copies += 1;
+                    }
+                    wait = wait.saturating_mul(2);
+                }
+            }
         }
     }
 
@@ -307,6 +381,28 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn retransmission_waits_longer_for_a_slow_upstream_never_less_than_the_floor() {
+        let timer = Retransmit::default();
+        assert_eq!(timer.timeout(), RETRANSMIT_AFTER, "before any answer");
+        for _ in 0..20 {
+            timer.observe(Duration::from_millis(1));
+        }
+        assert_eq!(
+            timer.timeout(),
+            RETRANSMIT_AFTER,
+            "a near upstream: the floor"
+        );
+        for _ in 0..50 {
+            timer.observe(Duration::from_millis(400));
+        }
+        let slow = timer.timeout();
+        assert!(
+            slow >= Duration::from_millis(400) && slow < Duration::from_secs(1),
+            "{slow:?}"
+        );
+    }
     use crate::upstream::testutil::{query, Responder, TcpMode, UdpMode};
 
     /// Runs `future` on a current-thread runtime inside a `LocalSet`.

@@ -33,8 +33,9 @@ use std::time::{Duration, Instant};
 use crate::config::{ForwardZone, Transport};
 use crate::upstream::route::{self, Question, Router};
 use crate::upstream::{
-    slice_for, upstream_addrs, Error, Failure, Health, Order, Outcome, Reply, Request, Rotation,
-    UpstreamMetrics, Via, MAX_CONSECUTIVE_ERRORS, QUERIES_PER_SOCKET, SOCKETS_PER_UPSTREAM,
+    slice_for, upstream_addrs, Error, Failure, Health, Order, Outcome, Reply, Request, Retransmit,
+    Rotation, UpstreamMetrics, Via, MAX_CONSECUTIVE_ERRORS, QUERIES_PER_SOCKET,
+    SOCKETS_PER_UPSTREAM,
 };
 
 /// Random IDs tried on a socket before the attempt fails (as the control side's tables).
@@ -171,6 +172,8 @@ struct UpstreamPlan {
     health: Health,
     /// When this worker last logged it going down or up.
     logged: Cell<Option<Instant>>,
+    /// When to send an unanswered query to it again.
+    retransmit: Retransmit,
 }
 
 /// One open upstream socket.
@@ -227,6 +230,12 @@ struct Attempt {
     id: u16,
     /// When it was sent.
     started: Instant,
+    /// When it is sent again if still unanswered (while its slice runs).
+    retransmit_at: Instant,
+    /// How long after that the next copy goes (doubling).
+    backoff: Duration,
+    /// Whether a copy went again (its answer time then says nothing: Karn's rule).
+    resent: bool,
 }
 
 impl Exchanges {
@@ -345,9 +354,11 @@ impl Exchanges {
             return;
         }
         let rcode = datagram.get(3).map_or(0, |flags| flags & 0x0f);
-        upstream
-            .metrics
-            .observe(rcode, now.saturating_duration_since(attempt.started));
+        let elapsed = now.saturating_duration_since(attempt.started);
+        upstream.metrics.observe(rcode, elapsed);
+        if !attempt.resent {
+            upstream.retransmit.observe(elapsed);
+        }
         zone.rotation.succeeded(attempt.member);
         if upstream.health.succeeded() && upstream.may_log(now) {
             log::info!("upstream up addr={}{}", upstream.addr, self.by);
@@ -459,6 +470,7 @@ impl Exchanges {
             exchanges,
             sockets,
             closing,
+            timers,
             by,
             rotate_after,
             ..
@@ -482,14 +494,22 @@ impl Exchanges {
             };
             match send_attempt(sockets, closing, &target, &exchange.query, token, io) {
                 Ok((socket, id)) => {
+                    let timeout = upstream.retransmit.timeout();
+                    let retransmit_at = now + timeout;
                     exchange.attempts.push(Attempt {
                         member,
                         socket,
                         id,
                         started: now,
+                        retransmit_at,
+                        backoff: timeout.saturating_mul(2),
+                        resent: false,
                     });
                     exchange.current = Some(member);
                     exchange.slice_end = (now + zone.slice).min(exchange.deadline);
+                    if retransmit_at < exchange.slice_end {
+                        timers.push(Reverse((retransmit_at, token)));
+                    }
                     break;
                 }
                 Err(AttemptError::Upstream(error)) => {
@@ -510,13 +530,28 @@ impl Exchanges {
         }
     }
 
-    /// A slice or budget of exchange `token` may have ended at `now`.
+    /// A retransmission, slice or budget of exchange `token` may be due at `now`.
     fn timer(&mut self, token: u64, now: Instant, io: &mut dyn UpstreamIo) {
         let Some(exchange) = self.exchanges.get_mut(&token) else {
             return;
         };
+        // The running attempt, unanswered, goes again (same socket and ID, so an answer to
+        // either copy counts) until its slice ends; a lost datagram then costs the
+        // retransmission timeout (250 ms for a fast upstream), not the slice.
+        for attempt in &mut exchange.attempts {
+            if Some(attempt.member) != exchange.current || attempt.retransmit_at > now {
+                continue;
+            }
+            // A copy that finds no send slot is skipped; the next may go.
+            attempt.resent |= io.send(attempt.socket, &exchange.query, attempt.id);
+            attempt.retransmit_at = now + attempt.backoff;
+            attempt.backoff = attempt.backoff.saturating_mul(2);
+            if attempt.retransmit_at < exchange.slice_end {
+                self.timers.push(Reverse((attempt.retransmit_at, token)));
+            }
+        }
         if now < exchange.slice_end && now < exchange.deadline {
-            return; // A stale entry: the exchange was rescheduled.
+            return; // A retransmission, or a stale entry of a rescheduled exchange.
         }
         if let Some(member) = exchange.current.take() {
             if exchange
@@ -630,6 +665,7 @@ impl Plan {
                 sockets: RefCell::new([None; SOCKETS_PER_UPSTREAM]),
                 health: Health::default(),
                 logged: Cell::new(None),
+                retransmit: Retransmit::default(),
             })
             .collect();
         let router = Router::new(zones.iter().map(|zone| zone.zone.as_str()));
@@ -1022,12 +1058,14 @@ mod tests {
         let mut io = FakeIo::default();
         let now = Instant::now();
         exchanges.start(request(1, "slow.example."), now, &mut io);
-        assert_eq!(exchanges.next_timer(), Some(now + Duration::from_secs(1)));
         exchanges.run(now + Duration::from_millis(999), &mut io);
-        assert_eq!(io.sent.len(), 1, "the slice is still running");
+        assert!(
+            (0..io.sent.len()).all(|n| io.sent_to(n) == FIRST),
+            "the slice is still running"
+        );
         exchanges.run(now + Duration::from_secs(1), &mut io);
-        assert_eq!(io.sent.len(), 2);
-        assert_eq!((io.sent_to(0), io.sent_to(1)), (FIRST, SECOND));
+        let last = io.sent.len() - 1;
+        assert_eq!(io.sent_to(last), SECOND);
         assert_eq!(first_metrics.failures(), 1, "the slice ran out");
         let (socket, late) = answer_to(&io, 0);
         exchanges.receive(socket, &late, false, now + Duration::from_millis(1200));
@@ -1037,7 +1075,41 @@ mod tests {
         ));
         // The first upstream answered, so the next request starts there again.
         exchanges.start(request(2, "next.example."), now, &mut io);
-        assert_eq!(io.sent_to(2), FIRST);
+        assert_eq!(io.sent_to(last + 1), FIRST);
+    }
+
+    #[test]
+    fn an_unanswered_query_is_sent_again_while_its_slice_runs() {
+        // 250 ms before any answer time is known.
+        let first_timeout = Retransmit::default().timeout();
+        let mut exchanges = Exchanges::new(0, setup(".", Transport::Udp, &[FIRST, SECOND]));
+        let mut io = FakeIo::default();
+        let now = Instant::now();
+        exchanges.start(request(1, "lost.example."), now, &mut io);
+        exchanges.run(now + first_timeout - Duration::from_millis(1), &mut io);
+        assert_eq!(io.sent.len(), 1, "not yet");
+        exchanges.run(now + first_timeout, &mut io);
+        assert_eq!(io.sent.len(), 2);
+        assert_eq!(io.sent[1], io.sent[0], "the same socket, ID and bytes");
+        exchanges.run(now + first_timeout * 2, &mut io);
+        assert_eq!(io.sent.len(), 2, "backing off");
+        exchanges.run(now + first_timeout * 3, &mut io);
+        assert_eq!(io.sent.len(), 3);
+        // Slice 1 s: the next copy would be due at 1.75 s, after it; the second upstream
+        // takes over at 1 s and the first one is not sent to again.
+        exchanges.run(now + Duration::from_secs(1), &mut io);
+        exchanges.run(now + Duration::from_millis(1900), &mut io);
+        let to_first = (0..io.sent.len())
+            .filter(|&n| io.sent_to(n) == FIRST)
+            .count();
+        assert_eq!(to_first, 3);
+        // An answer to the retransmitted copy is as good as one to the first.
+        let (socket, genuine) = answer_to(&io, 2);
+        exchanges.receive(socket, &genuine, false, now + Duration::from_millis(1950));
+        assert!(matches!(
+            one_reply(&mut exchanges).outcome,
+            Outcome::Answer(_)
+        ));
     }
 
     #[test]
@@ -1056,7 +1128,7 @@ mod tests {
         assert!(exchanges.is_empty());
         assert_eq!((metrics[0].failures(), metrics[1].failures()), (1, 1));
         // A late answer finds nothing waiting.
-        let (socket, late) = answer_to(&io, 1);
+        let (socket, late) = answer_to(&io, io.sent.len() - 1);
         exchanges.receive(socket, &late, false, now + Duration::from_secs(3));
         assert!(done(&mut exchanges).is_empty());
         assert_eq!(metrics[1].ignored(), 1);
@@ -1145,6 +1217,29 @@ mod tests {
         exchanges.run(now, &mut io);
         assert!(io.open[retired as usize].is_none(), "closed once idle");
         assert_eq!(exchanges.sockets(), io.open_count());
+    }
+
+    #[test]
+    fn a_slow_upstream_is_not_sent_duplicates_of_every_query() {
+        let mut exchanges = Exchanges::new(0, setup(".", Transport::Udp, &[FIRST]));
+        let mut io = FakeIo::default();
+        let now = Instant::now();
+        // Thirty queries answered in 400 ms each (each one sent once).
+        for token in 0..30 {
+            exchanges.start(request(token, "slow.example."), now, &mut io);
+            let (socket, genuine) = answer_to(&io, io.sent.len() - 1);
+            exchanges.receive(socket, &genuine, false, now + Duration::from_millis(400));
+            one_reply(&mut exchanges);
+        }
+        let sent = io.sent.len();
+        exchanges.start(request(99, "slow.example."), now, &mut io);
+        // Past the 250 ms floor, short of the upstream's usual 400 ms.
+        exchanges.run(now + Duration::from_millis(390), &mut io);
+        assert_eq!(
+            io.sent.len(),
+            sent + 1,
+            "no copy before the upstream's usual answer time"
+        );
     }
 
     #[test]

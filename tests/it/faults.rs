@@ -30,6 +30,7 @@ backend_tests!(
     a_silent_first_upstream_hands_over_to_the_second,
     a_refusing_upstream_hands_over_at_once,
     an_idle_server_sleeps_after_misses_end,
+    a_lost_query_is_sent_again_within_the_budget,
 );
 
 /// Where FaultyUpstream listens.
@@ -235,14 +236,16 @@ fn identical_concurrent_misses_are_coalesced(io: Io) -> anyhow::Result<()> {
     // One worker: coalescing is per worker (pending.rs), and with several workers each could
     // legitimately send its own query.
     let mut stack = FaultStack::start(io, "udp", 1)?;
+    // 200 ms: under the 250 ms after which an unanswered query is sent again, so exactly one
+    // query is expected.
     stack
         .upstream
-        .set_mode(Mode::Delay(Duration::from_millis(500)));
+        .set_mode(Mode::Delay(Duration::from_millis(200)));
     let name = zones::svc(60);
     let server = stack.dns.udp();
     const CLIENTS: u16 = 20;
     // Bind all sockets first, then send from all of them, then collect: the 20 queries are all
-    // in flight while the first one waits its 500 ms upstream.
+    // in flight while the first one waits its 200 ms upstream.
     let sockets = (0..CLIENTS)
         .map(|_| client::udp_socket(server))
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -301,9 +304,8 @@ fn a_silent_first_upstream_hands_over_to_the_second(io: Io) -> anyhow::Result<()
     let reply = client::udp(dns.udp(), &Query::new(&first, Rtype::A))?;
     assert_eq!(reply.rcode, OptRcode::NOERROR, "{reply:?}");
     assert_eq!(reply.rdata()[0].2, zones::svc_v4(61).to_string());
-    assert_eq!(
-        silent.queries(&first),
-        1,
+    assert!(
+        silent.queries(&first) >= 1,
         "the first upstream was tried first"
     );
     assert_eq!(live.queries(&first), 1);
@@ -382,5 +384,28 @@ fn an_idle_server_sleeps_after_misses_end(io: Io) -> anyhow::Result<()> {
         used < Duration::from_millis(500),
         "an idle ringdns used {used:?} of CPU in 2 s"
     );
+    stack.dns.stop()
+}
+
+/// The upstream loses the first query for each name (as a full receive buffer does in a burst):
+/// ringdns sends it again well within the zone's budget, so the client gets the answer, not a
+/// SERVFAIL when the budget (one upstream: the whole 1 s) runs out.
+fn a_lost_query_is_sent_again_within_the_budget(io: Io) -> anyhow::Result<()> {
+    let _ns = enter_netns!(&format!(
+        "a_lost_query_is_sent_again_within_the_budget/{io}"
+    ));
+    let mut stack = FaultStack::start(io, "udp", 1)?;
+    stack.upstream.set_mode(Mode::DropFirst);
+    for n in 96..99 {
+        let name = zones::svc(n);
+        let reply = stack.ask(&name)?;
+        assert_eq!(reply.rcode, OptRcode::NOERROR, "{name}: {reply:?}");
+        assert_eq!(reply.rdata()[0].2, zones::svc_v4(n).to_string());
+        assert_eq!(
+            stack.upstream.count(&name, Proto::Udp),
+            2,
+            "{name}: sent twice"
+        );
+    }
     stack.dns.stop()
 }

@@ -47,6 +47,9 @@ pub enum Mode {
     GarbageThenAnswer,
     /// UDP: correct. TCP: the length prefix and half the message, then the connection closes.
     CloseTcpMidAnswer,
+    /// UDP: the first query for each name is lost (never answered), later ones are answered
+    /// correctly. TCP: correct.
+    DropFirst,
 }
 
 /// Where correct answers come from.
@@ -221,7 +224,14 @@ fn udp_loop(socket: &UdpSocket, shared: &Arc<Shared>) {
             Err(_) => continue, // timeout: check the stop flag
         };
         let query = buf[..len].to_vec();
-        if count_query(shared, &query, Proto::Udp).is_none() {
+        let Some(name) = count_query(shared, &query, Proto::Udp) else {
+            continue;
+        };
+        let first = {
+            let counts = shared.counts.lock().unwrap_or_else(PoisonError::into_inner);
+            counts.get(&(name, Proto::Udp)).copied() == Some(1)
+        };
+        if first && mode(shared) == Mode::DropFirst {
             continue;
         }
         let (Ok(reply_socket), shared) = (socket.try_clone(), Arc::clone(shared)) else {
@@ -256,7 +266,7 @@ fn udp_replies(shared: &Shared, query: &[u8]) -> Vec<(Duration, Vec<u8>)> {
         Mode::GarbageThenAnswer => answer(shared, query)
             .map(|a| vec![(now, garbage(query)), (later, a)])
             .unwrap_or_default(),
-        Mode::Normal | Mode::CloseTcpMidAnswer => answer(shared, query)
+        Mode::Normal | Mode::CloseTcpMidAnswer | Mode::DropFirst => answer(shared, query)
             .map(|a| vec![(now, a)])
             .unwrap_or_default(),
     }
@@ -367,7 +377,7 @@ fn tcp_reply(shared: &Shared, query: &[u8], writer: &Mutex<TcpStream>) {
                 let _ = stream.shutdown(Shutdown::Both);
             }
         }
-        Mode::Normal | Mode::Truncate => {
+        Mode::Normal | Mode::Truncate | Mode::DropFirst => {
             if let Some(a) = answer(shared, query) {
                 send(&a);
             }
