@@ -388,8 +388,14 @@ impl RingUdp {
         let entry = opcode::Send::new(fd, outgoing.buf, outgoing.len)
             .dest_addr(outgoing.addr)
             .dest_addr_len(outgoing.addr_len)
-            .build()
-            .user_data(SEND_TAG | u64::from(slot));
+            .build();
+        self.push_send(entry, slot)
+    }
+
+    /// Pushes the Send SQE `entry` of `slot` (tagged with it); the slot is released if the
+    /// SQE cannot be pushed.
+    fn push_send(&mut self, entry: squeue::Entry, slot: u16) -> bool {
+        let entry = entry.user_data(SEND_TAG | u64::from(slot));
         if self.push(&entry).is_err() {
             self.slots.release(slot);
             return false;
@@ -680,14 +686,9 @@ impl UpstreamIo for RingUdp {
             header.copy_from_slice(&id.to_be_bytes());
         }
         let (buf, len) = self.slots.connected(slot, query.len());
-        let entry = opcode::Send::new(fd, buf, len)
-            .build()
-            .user_data(SEND_TAG | u64::from(slot));
-        if self.push(&entry).is_err() {
-            self.slots.release(slot);
+        if !self.push_send(opcode::Send::new(fd, buf, len).build(), slot) {
             return false;
         }
-        self.in_flight += 1;
         if let Some(owner) = self.slot_owners.get_mut(usize::from(slot)) {
             *owner = Some((socket, self.upstream_generations[index]));
         }
