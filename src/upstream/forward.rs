@@ -265,8 +265,8 @@ impl Forwarder {
             }
             Err(error) => {
                 upstream.failed("(tcp after truncation)", &error);
-                // The rest of the budget goes to the zone's other upstreams, as a TCP failure
-                // inside a control-side attempt moves on to the next one.
+                // The rest of the budget goes to the zone's usual path (its rotation, UDP then
+                // TCP on truncation), as a TCP failure inside an attempt moves on there too.
                 let left = budget.saturating_sub(started.elapsed());
                 match tokio::time::timeout(left, self.resolve(query)).await {
                     Ok(outcome) => outcome,
@@ -462,6 +462,14 @@ impl Order {
     }
 }
 
+impl Order {
+    /// Puts the upstream last handed out back, to be handed out again next (its attempt could
+    /// not be made for a reason of ours, not the upstream's).
+    pub(crate) fn give_back(&mut self) {
+        self.launched = self.launched.saturating_sub(1);
+    }
+}
+
 impl Iterator for Order {
     type Item = usize;
 
@@ -528,7 +536,8 @@ async fn exchange(
     match transport {
         Transport::Tcp => upstream.tcp.exchange(query, question, slice).await,
         Transport::Udp => {
-            let answer = upstream.udp.exchange(query, question).await?;
+            let resend_until = Instant::now() + slice;
+            let answer = upstream.udp.exchange(query, question, resend_until).await?;
             if route::is_truncated(&answer) {
                 upstream.stats.borrow_mut().truncated += 1;
                 upstream.tcp.exchange(query, question, slice).await
@@ -548,7 +557,10 @@ async fn prefer_udp(
     question: &Question,
     slice: Duration,
 ) -> Result<Vec<u8>, Error> {
-    let udp = upstream.udp.exchange(query, question);
+    // UDP copies go again only while UDP has the upstream to itself.
+    let udp = upstream
+        .udp
+        .exchange(query, question, Instant::now() + slice / 2);
     tokio::pin!(udp);
     let first = tokio::select! {
         result = &mut udp => Some(result),

@@ -27,7 +27,7 @@ mod udp;
 
 pub(crate) use forward::{slice_for, Health, Order, Rotation};
 pub(crate) use udp::{
-    Retransmit, MAX_CONSECUTIVE_ERRORS, QUERIES_PER_SOCKET, SOCKETS_PER_UPSTREAM,
+    Echoes, Retransmit, MAX_CONSECUTIVE_ERRORS, QUERIES_PER_SOCKET, SOCKETS_PER_UPSTREAM,
 };
 
 use std::io;
@@ -957,6 +957,36 @@ mod tests {
             reply.outcome
         );
         assert!(started.elapsed() < timeout + Duration::from_secs(3));
+    }
+
+    /// Datagrams waiting on `socket` (read without blocking).
+    fn datagrams_waiting(socket: &std::net::UdpSocket) -> usize {
+        socket.set_nonblocking(true).expect("nonblocking");
+        let mut buf = [0u8; 1500];
+        std::iter::from_fn(|| socket.recv(&mut buf).ok()).count()
+    }
+
+    #[test]
+    fn udp_copies_go_again_only_within_their_slice() {
+        let (first_hole, first) = black_hole();
+        let (second_hole, second) = black_hole();
+        // 2 s over two upstreams: 1 s slices. The first upstream gets its query at 0 and
+        // copies at 250 and 750 ms; the one due at 1.75 s would fall in the second's slice.
+        let harness = Harness::start(vec![zone(
+            ".",
+            &[first, second],
+            Transport::Udp,
+            Duration::from_secs(2),
+        )]);
+        harness.send(1, query("lost.example."));
+        let reply = harness.one();
+        assert!(matches!(reply.outcome, Outcome::Failed(Failure::Timeout)));
+        assert_eq!(
+            datagrams_waiting(&first_hole),
+            3,
+            "query and two copies, in its slice"
+        );
+        assert_eq!(datagrams_waiting(&second_hole), 3, "1.0 s, 1.25 s, 1.75 s");
     }
 
     #[test]

@@ -37,10 +37,26 @@ pub(crate) const QUERIES_PER_SOCKET: u64 = 10_000;
 /// upstreams are close by.)
 pub(crate) const RETRANSMIT_AFTER: Duration = Duration::from_millis(250);
 
-/// When to send an unanswered query to one upstream again: RFC 6298 §2's estimator over the
-/// upstream's answer times (smoothed RTT plus four deviations), never below
-/// [`RETRANSMIT_AFTER`], so an upstream that is slow by nature (a recursive resolver) is not
-/// sent duplicates of most queries.
+/// Longest the retransmission timeout grows by backing off (RFC 6298 §5.5); a query's budget
+/// (the zone's timeout) ends sooner anyway.
+const RETRANSMIT_MAX: Duration = Duration::from_secs(4);
+
+/// How long the ID of a query that went out more than once is remembered on its socket after
+/// the query ended, so that the answer to its other copy is recognised as an echo rather than
+/// counted as a stray (possibly spoofed) datagram.
+pub(crate) const ECHO_WINDOW: Duration = Duration::from_secs(2);
+
+/// IDs remembered per socket as echoes at most (the oldest are forgotten first).
+const ECHOES_MAX: usize = 1024;
+
+/// When to send an unanswered query to one upstream again: RFC 6298's estimator over the
+/// upstream's answer times (smoothed RTT plus four deviations, §2), never below
+/// [`RETRANSMIT_AFTER`], with Karn's algorithm (§5.5–5.7): only queries sent once give samples
+/// (an answer to a query sent twice could be to either copy), and a retransmission doubles the
+/// timeout until the next sample. So an upstream slower than the current timeout is sent a
+/// duplicate once, after which the timeout has grown past its answer time and samples resume:
+/// an upstream that is slow by nature (a recursive resolver) is not sent duplicates of most
+/// queries.
 ///
 /// # Threads
 ///
@@ -51,12 +67,14 @@ pub(crate) struct Retransmit {
     srtt: Cell<Option<Duration>>,
     /// Its mean deviation.
     rttvar: Cell<Duration>,
+    /// The timeout as backed off by retransmissions since the last sample (`None`: none).
+    backed_off: Cell<Option<Duration>>,
 }
 
 impl Retransmit {
-    /// Records the answer time of a query that was sent once (a retransmitted one's answer
-    /// could be to either copy: Karn's rule, RFC 6298 §3).
+    /// Records the answer time of a query that was sent once, and drops any back-off.
     pub(crate) fn observe(&self, rtt: Duration) {
+        self.backed_off.set(None);
         match self.srtt.get() {
             None => {
                 self.srtt.set(Some(rtt));
@@ -70,11 +88,49 @@ impl Retransmit {
         }
     }
 
-    /// How long to wait before the first retransmission.
+    /// How long to wait before the first retransmission of a query sent now.
     pub(crate) fn timeout(&self) -> Duration {
+        if let Some(backed_off) = self.backed_off.get() {
+            return backed_off;
+        }
         self.srtt.get().map_or(RETRANSMIT_AFTER, |srtt| {
             (srtt + self.rttvar.get() * 4).max(RETRANSMIT_AFTER)
         })
+    }
+
+    /// A query sent with timeout `used` went again: the timeout doubles (once for all queries
+    /// sent with the same timeout, so that many queries in flight do not compound it).
+    pub(crate) fn backed_off(&self, used: Duration) {
+        if self.timeout() <= used {
+            self.backed_off
+                .set(Some(used.saturating_mul(2).min(RETRANSMIT_MAX)));
+        }
+    }
+}
+
+/// IDs of ended queries that went out more than once, remembered for [`ECHO_WINDOW`]: the
+/// answer to the other copy is an echo, not a stray datagram.
+#[derive(Debug, Default)]
+pub(crate) struct Echoes {
+    /// (ID, forgotten after), oldest first.
+    ids: std::collections::VecDeque<(u16, std::time::Instant)>,
+}
+
+impl Echoes {
+    /// Remembers `id` from `now` on.
+    pub(crate) fn remember(&mut self, id: u16, now: std::time::Instant) {
+        if self.ids.len() >= ECHOES_MAX {
+            self.ids.pop_front();
+        }
+        self.ids.push_back((id, now + ECHO_WINDOW));
+    }
+
+    /// Whether `id` is a remembered echo at `now` (forgetting the expired ones).
+    pub(crate) fn is_echo(&mut self, id: u16, now: std::time::Instant) -> bool {
+        while self.ids.front().is_some_and(|&(_, until)| until <= now) {
+            self.ids.pop_front();
+        }
+        self.ids.iter().any(|&(echo, _)| echo == id)
     }
 }
 
@@ -120,17 +176,23 @@ impl UdpSet {
 
     /// Sends `query` (its ID is replaced) and waits for the matching answer, which still has the
     /// upstream's ID. Waits until an answer or a socket error arrives; the caller bounds the wait.
+    ///
+    /// An unanswered query is sent again ([`Retransmit`]) until `resend_until` (the end of the
+    /// attempt's slice, or of the time UDP has alone): after that only the copies already sent
+    /// may still be answered.
     pub(crate) async fn exchange(
         &self,
         query: &[u8],
         question: &Question,
+        resend_until: tokio::time::Instant,
     ) -> Result<Vec<u8>, Error> {
         let slot = self.pick()?;
         let (id, seq, answer) = slot.register(question)?;
-        let _registration = Registration {
+        let mut registration = Registration {
             slot: &slot,
             id,
             seq,
+            resent: false,
         };
         let sent = match try_send_with_id(&slot.socket, query, id) {
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
@@ -157,13 +219,14 @@ impl UdpSet {
         }
         tokio::pin!(answer);
         let sent_at = tokio::time::Instant::now();
-        let mut wait = self.retransmit.timeout();
-        let mut copies = 1u32;
+        let timeout = self.retransmit.timeout();
+        let mut next_copy = sent_at + timeout;
+        let mut backoff = timeout.saturating_mul(2);
         loop {
             tokio::select! {
                 result = &mut answer => return match result {
                     Ok(result) => {
-                        if copies == 1 && result.is_ok() {
+                        if !registration.resent && result.is_ok() {
                             self.retransmit.observe(sent_at.elapsed());
                         }
                         result
@@ -175,13 +238,22 @@ impl UdpSet {
                         reused: false,
                     }),
                 },
-                () = tokio::time::sleep(wait) => {
-                    // A full socket buffer skips this copy; the next one may go.
-                    if try_send_with_id(&slot.socket, query, id).is_ok() {
-                        self.stats.borrow_mut().queries += 1;
-                        copies += 1;
+                () = tokio::time::sleep_until(next_copy), if next_copy < resend_until => {
+                    match try_send_with_id(&slot.socket, query, id) {
+                        Ok(()) => {
+                            self.stats.borrow_mut().queries += 1;
+                            if !registration.resent {
+                                self.retransmit.backed_off(timeout);
+                            }
+                            registration.resent = true;
+                        }
+                        // A full socket buffer skips this copy; the next one may go.
+                        Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                        // As for the first copy: a pending ICMP error speaks for the socket.
+                        Err(error) => slot.fail_all(error.kind()),
                     }
-                    wait = wait.saturating_mul(2);
+                    next_copy += backoff;
+                    backoff = backoff.saturating_mul(2);
                 }
             }
         }
@@ -236,6 +308,7 @@ impl UdpSet {
             sent: Cell::new(0),
             retired: Cell::new(false),
             done: Notify::new(),
+            echoes: RefCell::new(Echoes::default()),
             stats: Rc::clone(&self.stats),
         }))
     }
@@ -285,6 +358,8 @@ struct Slot {
     retired: Cell<bool>,
     /// Tells the reader to exit (retired and idle).
     done: Notify,
+    /// IDs of ended queries that went out more than once.
+    echoes: RefCell<Echoes>,
     /// The upstream's counters.
     stats: Rc<RefCell<UpstreamStats>>,
 }
@@ -300,7 +375,14 @@ impl Slot {
     /// Hands a received datagram to its waiter if ID and question match; otherwise counts it.
     fn dispatch(&self, datagram: &[u8]) {
         let Some(waiter) = self.inflight.take_answered(datagram) else {
-            self.stats.borrow_mut().ignored += 1;
+            let echo = route::message_id(datagram).is_some_and(|id| {
+                self.echoes
+                    .borrow_mut()
+                    .is_echo(id, std::time::Instant::now())
+            });
+            if !echo {
+                self.stats.borrow_mut().ignored += 1;
+            }
             return;
         };
         let mut answer = datagram.to_vec();
@@ -334,11 +416,19 @@ struct Registration<'a> {
     id: u16,
     /// The registration's sequence number.
     seq: u64,
+    /// The query went out more than once (its ID is then remembered as an echo).
+    resent: bool,
 }
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
         self.slot.inflight.release(self.id, self.seq);
+        if self.resent {
+            self.slot
+                .echoes
+                .borrow_mut()
+                .remember(self.id, std::time::Instant::now());
+        }
         if self.slot.retired.get() && self.slot.inflight.is_empty() {
             self.slot.done.notify_one();
         }
@@ -423,11 +513,17 @@ mod tests {
         let question = route::parse_question(&wire).expect("valid query");
         run_local(async {
             for _ in 0..6 {
-                let answer =
-                    tokio::time::timeout(Duration::from_secs(5), set.exchange(&wire, &question))
-                        .await
-                        .expect("answer in time")
-                        .expect("answer");
+                let answer = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    set.exchange(
+                        &wire,
+                        &question,
+                        tokio::time::Instant::now() + Duration::from_secs(5),
+                    ),
+                )
+                .await
+                .expect("answer in time")
+                .expect("answer");
                 assert!(route::question_matches(&answer, &question));
             }
             assert!(
@@ -456,11 +552,17 @@ mod tests {
         let question = route::parse_question(&wire).expect("valid query");
         run_local(async {
             for _ in 0..64 {
-                let answer =
-                    tokio::time::timeout(Duration::from_secs(5), set.exchange(&wire, &question))
-                        .await
-                        .expect("answer in time")
-                        .expect("answer");
+                let answer = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    set.exchange(
+                        &wire,
+                        &question,
+                        tokio::time::Instant::now() + Duration::from_secs(5),
+                    ),
+                )
+                .await
+                .expect("answer in time")
+                .expect("answer");
                 assert!(route::question_matches(&answer, &question));
             }
             assert!(set.local_ports().len() <= SOCKETS_PER_UPSTREAM);
@@ -486,7 +588,15 @@ mod tests {
         let wire = query("refused.example.");
         let question = route::parse_question(&wire).expect("valid query");
         let result = run_local(async {
-            tokio::time::timeout(Duration::from_secs(5), set.exchange(&wire, &question)).await
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                set.exchange(
+                    &wire,
+                    &question,
+                    tokio::time::Instant::now() + Duration::from_secs(5),
+                ),
+            )
+            .await
         });
         match result {
             Ok(Err(Error::Io { source, .. })) => {

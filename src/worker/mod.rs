@@ -604,6 +604,9 @@ fn apply_reload(shared: &Rc<RefCell<Shared>>, reload: Reload, index: usize) {
             }
         }
     }
+    // A new forward plan retires the old upstream sockets: close the idle ones now rather than
+    // at the next miss.
+    shared.borrow_mut().forward_now(Instant::now());
     for (socket, udp) in added_epoll {
         spawn_receive_loop(shared, udp, socket);
     }

@@ -320,8 +320,11 @@ impl RingUdp {
         Ok(())
     }
 
-    /// Drops closing upstream socket `index` (its receive is over) and frees its index.
+    /// Drops closing upstream socket `index` (its receive is over) and frees its index. Queued
+    /// SQEs are submitted first: a Send for it still in the submission queue must reach the
+    /// kernel while its descriptor number still names this socket.
     fn free_upstream(&mut self, index: usize) {
+        self.flush();
         if let Some(entry) = self.upstream.get_mut(index) {
             *entry = None;
             self.upstream_generations[index] = self.upstream_generations[index].wrapping_add(1);
@@ -479,7 +482,8 @@ impl RingUdp {
                 .slot_owners
                 .get_mut(usize::from(slot))
                 .and_then(Option::take);
-            if cqe.result() < 0 {
+            // -ECANCELED: cancelled with its socket's close; nothing to report.
+            if cqe.result() < 0 && cqe.result() != -libc::ECANCELED {
                 match owner {
                     // An upstream query: the exchanges fail over (an ICMP error pending on a
                     // connected socket is reported to the next send as often as to the receive).
