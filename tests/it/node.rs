@@ -164,9 +164,22 @@ fn simulated_node(backend: Backend, io: Io) -> anyhow::Result<()> {
         rule_listing(backend)?
     );
 
-    // 4. kill -9: the ClusterIP pod falls back to kube-proxy's DNAT (to knotd) at once.
+    // 4. kill -9: the ClusterIP pod falls back to kube-proxy's DNAT (to knotd) at once. "At
+    // once" counts from the kernel's release of the killed process's sockets: io_uring drops
+    // its own references to them in a kernel worker a few ms after the process is reaped, and
+    // until then the fail-open rules still see a listener (a query then is lost, and its 1 s
+    // retry would make this flaky, not wrong).
     dns.kill9()?;
     let killed = Instant::now();
+    wait_for(
+        "the killed ringdns' sockets released",
+        SYNC,
+        SYNC / 100,
+        || {
+            let listeners = tool("ss", &["-Hlun", "sport = :53"])?;
+            Ok((!listeners.contains("10.96.0.10:53")).then_some(()))
+        },
+    )?;
     let fallback = wait_for("ClusterIP resolves after kill -9", SYNC, SYNC / 20, || {
         let answer = cluster.dig("pod2", "10.96.0.10:53", false, "+time=1")?;
         Ok(answer.aa().then_some(answer))
