@@ -22,6 +22,7 @@ use super::handler::{Action, Handler};
 use super::pending::Origin;
 use super::stats::{Counter, WorkerStats};
 use super::upstream::{Exchanges, UpstreamIo};
+use crate::upstream::route;
 
 /// Submission queue entries (completion queue: 4× as many, so bursts do not overflow it).
 const RING_ENTRIES: u32 = 1024;
@@ -97,6 +98,9 @@ pub struct RingUdp {
     upstream_generations: Vec<u32>,
     /// Indices of closed upstream sockets, for reuse.
     upstream_free: Vec<u32>,
+    /// Some upstream socket may need its receive armed or its cancel pushed: set when a
+    /// receive ends or a cancel could not be pushed, so that a drain scans them only then.
+    upstream_unarmed: bool,
     /// Per send slot: the upstream socket index and generation a query in it went to
     /// (`None`: a client reply), so that a failed send reaches the exchanges.
     slot_owners: Vec<Option<(u32, u32)>>,
@@ -181,6 +185,7 @@ impl RingUdp {
             upstream: Vec::new(),
             upstream_generations: Vec::new(),
             upstream_free: Vec::new(),
+            upstream_unarmed: false,
             slot_owners: vec![None; usize::from(SEND_SLOTS)],
             events,
             unsubmitted: false,
@@ -283,10 +288,17 @@ impl RingUdp {
     }
 
     /// Arms a multishot RecvMsg on every open upstream socket that has none, and pushes the
-    /// cancel of every closing one whose cancel could not be pushed yet.
+    /// cancel of every closing one whose cancel could not be pushed yet (only when one may
+    /// need it: `upstream_unarmed`).
     fn arm_upstream_receives(&mut self) -> io::Result<()> {
+        if !std::mem::take(&mut self.upstream_unarmed) {
+            return Ok(());
+        }
         for index in 0..self.upstream.len() {
-            self.arm_upstream(index)?;
+            if let Err(error) = self.arm_upstream(index) {
+                self.upstream_unarmed = true;
+                return Err(error);
+            }
         }
         Ok(())
     }
@@ -573,7 +585,11 @@ impl RingUdp {
                 };
                 if closing {
                     self.free_upstream(index);
-                } else if result < 0 && result != -libc::ENOBUFS && result != -libc::ECANCELED {
+                } else {
+                    self.upstream_unarmed = true;
+                }
+                if !closing && result < 0 && result != -libc::ENOBUFS && result != -libc::ECANCELED
+                {
                     stats.bump(Counter::ReceiveErrors);
                     exchanges.socket_error(index as u32, -result);
                 }
@@ -686,9 +702,7 @@ impl UpstreamIo for RingUdp {
             return false;
         };
         packet.copy_from_slice(query);
-        if let Some(header) = packet.get_mut(..2) {
-            header.copy_from_slice(&id.to_be_bytes());
-        }
+        route::set_id(packet, id);
         let (buf, len) = self.slots.connected(slot, query.len());
         if !self.push_send(opcode::Send::new(fd, buf, len).build(), slot) {
             return false;
@@ -714,7 +728,9 @@ impl UpstreamIo for RingUdp {
         }
         // The receive's final CQE (-ECANCELED) frees the socket; if the cancel cannot be pushed
         // now, the next drain pushes it.
-        let _ = self.arm_upstream(index);
+        if self.arm_upstream(index).is_err() {
+            self.upstream_unarmed = true;
+        }
     }
 }
 

@@ -321,7 +321,7 @@ impl Exchanges {
     /// An accepted answer finishes its exchange; anything else is counted and ignored while
     /// the exchange keeps waiting.
     pub fn receive(&mut self, socket: u32, datagram: &[u8], cut: bool, now: Instant) {
-        let Some(token) = self.accepts(socket, datagram) else {
+        let Some((token, id)) = self.accepts(socket, datagram) else {
             self.ignore(socket, datagram, now);
             return;
         };
@@ -331,7 +331,6 @@ impl Exchanges {
         if let Some(state) = self.sockets.get_mut(&socket) {
             state.errors = 0;
         }
-        let id = route::message_id(datagram).unwrap_or_default();
         let attempt = exchange
             .attempts
             .iter()
@@ -345,10 +344,7 @@ impl Exchanges {
         });
         let Some((attempt, zone, upstream)) = member else {
             // Cannot happen (`accepts` found the attempt); never leave the clients waiting.
-            self.done.push(Done::Reply(Reply {
-                token,
-                outcome: Outcome::Failed(Failure::Timeout),
-            }));
+            self.finish(token, Failure::Timeout, now);
             return;
         };
         let truncated = cut || route::is_truncated(datagram) || datagram.len() > plan.payload_limit;
@@ -471,14 +467,14 @@ impl Exchanges {
         }
     }
 
-    /// The token of the exchange `datagram` answers on `socket`: a response whose ID is in
-    /// flight there and whose question matches.
-    fn accepts(&self, socket: u32, datagram: &[u8]) -> Option<u64> {
+    /// The token of the exchange `datagram` answers on `socket`, and its ID: a response whose
+    /// ID is in flight there and whose question matches.
+    fn accepts(&self, socket: u32, datagram: &[u8]) -> Option<(u64, u16)> {
         let id = route::message_id(datagram)?;
         let token = *self.sockets.get(&socket)?.inflight.get(&id)?;
         let exchange = self.exchanges.get(&token)?;
         (route::is_response(datagram) && route::question_matches(datagram, &exchange.question))
-            .then_some(token)
+            .then_some((token, id))
     }
 
     /// Starts the next member's attempt of exchange `token`, skipping members whose attempt
