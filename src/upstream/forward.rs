@@ -247,7 +247,7 @@ impl Forwarder {
         };
         upstream.stats.borrow_mut().truncated += 1;
         let started = Instant::now();
-        let exchange = upstream.tcp.exchange(query, &question, budget);
+        let exchange = attempt(upstream, Transport::Tcp, query, &question, budget);
         let result = match tokio::time::timeout(budget, exchange).await {
             Ok(result) => result,
             Err(_) => Err(Error::Timeout {
@@ -257,8 +257,6 @@ impl Forwarder {
         };
         match result {
             Ok(mut answer) => {
-                let rcode = answer.get(3).map_or(0, |flags| flags & 0x0f);
-                upstream.metrics.observe(rcode, started.elapsed());
                 upstream.succeeded();
                 route::set_id(&mut answer, 0);
                 Outcome::Answer(answer)

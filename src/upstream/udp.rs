@@ -472,6 +472,17 @@ mod tests {
 
     use super::*;
 
+    /// `set.exchange` (copies sent again for up to 5 s), given up after 5 s.
+    async fn exchange_within_5s(
+        set: &UdpSet,
+        wire: &[u8],
+        question: &Question,
+    ) -> Result<Result<Vec<u8>, Error>, tokio::time::error::Elapsed> {
+        let limit = Duration::from_secs(5);
+        let resend_until = tokio::time::Instant::now() + limit;
+        tokio::time::timeout(limit, set.exchange(wire, question, resend_until)).await
+    }
+
     #[test]
     fn retransmission_waits_longer_for_a_slow_upstream_never_less_than_the_floor() {
         let timer = Retransmit::default();
@@ -513,17 +524,10 @@ mod tests {
         let question = route::parse_question(&wire).expect("valid query");
         run_local(async {
             for _ in 0..6 {
-                let answer = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    set.exchange(
-                        &wire,
-                        &question,
-                        tokio::time::Instant::now() + Duration::from_secs(5),
-                    ),
-                )
-                .await
-                .expect("answer in time")
-                .expect("answer");
+                let answer = exchange_within_5s(&set, &wire, &question)
+                    .await
+                    .expect("answer in time")
+                    .expect("answer");
                 assert!(route::question_matches(&answer, &question));
             }
             assert!(
@@ -552,17 +556,10 @@ mod tests {
         let question = route::parse_question(&wire).expect("valid query");
         run_local(async {
             for _ in 0..64 {
-                let answer = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    set.exchange(
-                        &wire,
-                        &question,
-                        tokio::time::Instant::now() + Duration::from_secs(5),
-                    ),
-                )
-                .await
-                .expect("answer in time")
-                .expect("answer");
+                let answer = exchange_within_5s(&set, &wire, &question)
+                    .await
+                    .expect("answer in time")
+                    .expect("answer");
                 assert!(route::question_matches(&answer, &question));
             }
             assert!(set.local_ports().len() <= SOCKETS_PER_UPSTREAM);
@@ -587,17 +584,7 @@ mod tests {
         let set = UdpSet::new(closed, 1232, QUERIES_PER_SOCKET, stats);
         let wire = query("refused.example.");
         let question = route::parse_question(&wire).expect("valid query");
-        let result = run_local(async {
-            tokio::time::timeout(
-                Duration::from_secs(5),
-                set.exchange(
-                    &wire,
-                    &question,
-                    tokio::time::Instant::now() + Duration::from_secs(5),
-                ),
-            )
-            .await
-        });
+        let result = run_local(async { exchange_within_5s(&set, &wire, &question).await });
         match result {
             Ok(Err(Error::Io { source, .. })) => {
                 assert_eq!(source.kind(), io::ErrorKind::ConnectionRefused)
