@@ -355,6 +355,10 @@ pub struct NodeConfig {
     /// A nat chain (kube-proxy's kube-dns service chain, e.g. `KUBE-SVC-TCOQ7…`) that traffic to
     /// the link-local IP jumps to while no ringdns socket exists; `None` = no such fallback.
     pub fallback_service_chain: Option<String>,
+    /// Unix socket path for zero-gap upgrades (`None` = off): a starting ringdns takes the
+    /// listen sockets of the one serving there, which then stops receiving, finishes its
+    /// misses in flight and leaves the interface and rules to its successor.
+    pub handover: Option<PathBuf>,
 }
 
 /// `node.rules`.
@@ -489,6 +493,17 @@ impl Config {
             out,
             "fallback_service_chain = {}",
             quote(node.fallback_service_chain.as_deref().unwrap_or(""))
+        );
+        let _ = writeln!(
+            out,
+            "handover = {}",
+            quote(
+                &node
+                    .handover
+                    .as_deref()
+                    .map(|path| path.display().to_string())
+                    .unwrap_or_default()
+            )
         );
 
         let _ = writeln!(out, "\n[health]");
@@ -783,6 +798,14 @@ pub enum Problem {
         /// Why.
         reason: NameProblem,
     },
+    /// A Unix socket path that cannot be bound (`node.handover`).
+    #[error("\"{value}\" is not a Unix socket path: {reason}")]
+    BadSocketPath {
+        /// The text, after `${VAR}` expansion.
+        value: String,
+        /// Why.
+        reason: &'static str,
+    },
     /// An HTTP endpoint address that is not a socket address.
     #[error("\"{value}\" is not a listen address: {reason}")]
     BadEndpoint {
@@ -989,6 +1012,8 @@ struct RawNode {
     teardown: Option<Spanned<bool>>,
     /// See [`NodeConfig::fallback_service_chain`].
     fallback_service_chain: Option<Spanned<String>>,
+    /// See [`NodeConfig::handover`].
+    handover: Option<Spanned<String>>,
 }
 
 /// Raw `[health]`.
@@ -1288,6 +1313,28 @@ impl Document<'_> {
                 }
             }
         };
+        let handover = match raw.handover {
+            None => None,
+            Some(value) => {
+                let key = "node.handover";
+                let text = self.expand(&value, key, false)?;
+                if text.is_empty() {
+                    None
+                } else {
+                    check_socket_path(&text).map_err(|reason| {
+                        self.invalid(
+                            value.span(),
+                            key,
+                            Problem::BadSocketPath {
+                                value: text.clone(),
+                                reason,
+                            },
+                        )
+                    })?;
+                    Some(PathBuf::from(text))
+                }
+            }
+        };
         Ok(NodeConfig {
             setup_interface: flag(raw.setup_interface, DEFAULT_SETUP_INTERFACE),
             interface,
@@ -1296,6 +1343,7 @@ impl Document<'_> {
             sync_interval: self.duration(&SYNC_INTERVAL, raw.sync_interval, SYNC_INTERVAL.key)?,
             teardown: flag(raw.teardown, DEFAULT_TEARDOWN),
             fallback_service_chain,
+            handover,
         })
     }
 
@@ -1927,6 +1975,24 @@ fn check_interface_name(name: &str) -> Result<(), NameProblem> {
     }
 }
 
+/// Checks a Unix socket path: absolute, fits `sun_path` (107 bytes and the NUL), not a
+/// directory name.
+fn check_socket_path(path: &str) -> Result<(), &'static str> {
+    if !path.starts_with('/') {
+        return Err("must be an absolute path");
+    }
+    if path.len() > 107 {
+        return Err("longer than 107 bytes (the limit of a Unix socket address)");
+    }
+    if path.ends_with('/') {
+        return Err("names a directory; give the socket file's path");
+    }
+    if path.contains('\0') {
+        return Err("contains a NUL byte");
+    }
+    Ok(())
+}
+
 /// Checks an iptables chain name: 1..=28 bytes of letters, digits, `-`, `_` and `.`, not
 /// starting with `-` (it would read as an option). kube-proxy's chains (`KUBE-SVC-…`) fit.
 fn check_chain_name(name: &str) -> Result<(), NameProblem> {
@@ -2147,6 +2213,7 @@ mod tests {
                 sync_interval: Duration::from_secs(60),
                 teardown: true,
                 fallback_service_chain: None,
+                handover: None,
             }
         );
         assert_eq!(config.health.listen, addr("127.0.0.1:8080"));
@@ -2170,6 +2237,7 @@ mod tests {
         let text = "[node]\nsetup_interface = true\ninterface = \"${IF}\"\n\
                     setup_iptables = true\nrules = \"nftables\"\nsync_interval = \"1s\"\n\
                     teardown = false\nfallback_service_chain = \"KUBE-SVC-TCOQ7XJHQPQMWC2M\"\n\
+                    handover = \"/run/ringdns/handover.sock\"\n\
                     [health]\nlisten = \"[::1]:8081\"\nlameduck = \"0s\"\n\
                     [metrics]\nlisten = \"\"\n";
         let config = parse_fake(
@@ -2192,8 +2260,15 @@ mod tests {
         assert_eq!(config.health.listen, addr("[::1]:8081"));
         assert_eq!(config.health.lameduck, Duration::ZERO);
         assert_eq!(config.metrics.listen, None);
-        let config = parse_text("[node]\nfallback_service_chain = \"\"\n").expect("empty chain");
+        assert_eq!(
+            config.node.handover.as_deref(),
+            Some(Path::new("/run/ringdns/handover.sock"))
+        );
+        let config = parse_text("[node]\nfallback_service_chain = \"\"\nhandover = \"\"\n")
+            .expect("empty chain and handover");
         assert_eq!(config.node.fallback_service_chain, None);
+        assert_eq!(config.node.handover, None);
+        assert_eq!(parse_text("").expect("defaults").node.handover, None);
     }
 
     #[test]
@@ -2223,6 +2298,16 @@ mod tests {
             "K".repeat(29)
         ))
         .contains("29 characters (at most 28)"));
+        assert_eq!(
+            error_of("[node]\n\nhandover = \"run/handover.sock\"\n"),
+            "/etc/ringdns.toml:3: node.handover: \"run/handover.sock\" is not a Unix socket \
+             path: must be an absolute path"
+        );
+        assert!(error_of("[node]\nhandover = \"/run/ringdns/\"\n").contains("names a directory"));
+        assert!(
+            error_of(&format!("[node]\nhandover = \"/{}\"\n", "x".repeat(107)))
+                .contains("longer than 107 bytes")
+        );
         assert_eq!(
             error_of("[node]\nbogus = 1\n"),
             "/etc/ringdns.toml:2: node.bogus: unknown key"
@@ -2772,6 +2857,7 @@ mod tests {
                     [node]\nsetup_interface = true\ninterface = \"dns0\"\n\
                     setup_iptables = true\nrules = \"iptables\"\nsync_interval = \"90s\"\n\
                     teardown = false\nfallback_service_chain = \"KUBE-SVC-X\"\n\
+                    handover = \"/run/ringdns/handover.sock\"\n\
                     [health]\nlisten = \"[fd00::a]:8080\"\nlameduck = \"1500ms\"\n\
                     [metrics]\nlisten = \"\"\n";
         let files = [(

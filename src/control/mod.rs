@@ -3,8 +3,10 @@
 //! Runs on: the main thread (which then waits for signals) and the control thread it starts.
 //!
 //! Start-up order: decide the workers (one per CPU of the affinity mask) and the I/O backend
-//! (probing io_uring), bind every worker's sockets (so a bind error stops start-up with the
-//! address named), bind the health and metrics listeners, start the upstream side on
+//! (probing io_uring), take over the sockets of an instance offering them (`[node] handover`,
+//! handover.rs), bind the health and metrics listeners, then every worker's sockets (so a bind
+//! error stops start-up with the address named, and before any DNS socket exists when the
+//! health port is taken), start the upstream side on
 //! `ringdns-ctl` and the HTTP side on `ringdns-http`, start the workers, log one `ready` line.
 //! Then the main thread waits for signals: SIGHUP, or a change of the config file (polled every
 //! [`WATCH_INTERVAL`] when started with `--config`), reloads ([`reload`]); SIGTERM/SIGINT stop.
@@ -13,6 +15,7 @@
 //! upstream side, stop the HTTP side.
 #![forbid(unsafe_code)]
 
+pub mod handover;
 pub mod iptables;
 pub mod logger;
 pub mod netlink;
@@ -22,7 +25,7 @@ pub mod reload;
 pub mod rules;
 
 use std::net::{SocketAddr, TcpListener};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -39,6 +42,7 @@ use crate::worker::stats::{Layout, WorkerStats, Zones};
 use crate::worker::upstream::ForwardSetup;
 use crate::worker::{self, sockets, Backend, Command, WorkerSetup};
 
+use self::handover::{Event, Kind, Listening, Offer, Peer, Taken};
 use self::node::{Node, NodeStats};
 use self::reload::{FileStamp, Live, WorkerHandle};
 
@@ -54,6 +58,9 @@ const MISS_DEADLINE_MARGIN: Duration = Duration::from_secs(1);
 
 /// How often the config file's mtime, length and inode are compared (with `--config`).
 const WATCH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How often an instance that handed over checks that its successor still runs.
+const SUCCESSOR_CHECK: Duration = Duration::from_millis(500);
 
 /// How long start-up waits for every worker to report that it serves.
 const WORKER_START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -102,19 +109,147 @@ impl Shutdown {
     }
 }
 
-/// Waits for SIGTERM or SIGINT; meanwhile reloads on SIGHUP and on a change of the config file.
+/// Why serving ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM or SIGINT.
+    Signal(Signal),
+    /// A successor took the sockets and serves (handover.rs).
+    HandedOver {
+        /// Its PID.
+        pid: i32,
+    },
+}
+
+/// Waits for SIGTERM, SIGINT or a hand-over; meanwhile reloads on SIGHUP and on a change of
+/// the config file.
 fn wait_for_stop(
     signals: &crossbeam_channel::Receiver<Signal>,
+    handed_over: &mut crossbeam_channel::Receiver<Event>,
     live: &mut Live,
-) -> anyhow::Result<Signal> {
+) -> anyhow::Result<Stop> {
     loop {
-        match signals.recv_timeout(WATCH_INTERVAL) {
-            Ok(Signal::SIGHUP) => live.reload("SIGHUP"),
-            Ok(signal) => return Ok(signal),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => live.poll_file(),
+        crossbeam_channel::select! {
+            recv(signals) -> signal => match signal {
+                Ok(Signal::SIGHUP) => live.reload("SIGHUP"),
+                Ok(signal) => return Ok(Stop::Signal(signal)),
+                Err(_) => anyhow::bail!("the signal thread stopped"),
+            },
+            recv(handed_over) -> event => match event {
+                Ok(Event::Taken { pid }) => return Ok(Stop::HandedOver { pid }),
+                // Nothing offers (or the offer ended without a hand-over): wait for signals
+                // and file changes only; a closed channel would be ready on every turn.
+                Err(_) => *handed_over = crossbeam_channel::never(),
+            },
+            default(WATCH_INTERVAL) => live.poll_file(),
+        }
+    }
+}
+
+/// What the end of a hand-over needs.
+struct HandOver<'a> {
+    /// The successor's PID.
+    pid: i32,
+    /// The successor, watched while idle.
+    successor: Option<Peer>,
+    /// Signals (SIGTERM/SIGINT end the process afterwards).
+    signals: &'a crossbeam_channel::Receiver<Signal>,
+    /// Turned to lame duck.
+    health: &'a Health,
+    /// Stopped at once: the successor answers probes and scrapes on the shared listeners.
+    http: HttpServer,
+    /// The workers' command channels.
+    workers: Vec<WorkerHandle>,
+    /// The worker threads.
+    handles: Vec<std::thread::JoinHandle<()>>,
+    /// The forwarding side.
+    upstream: UpstreamSide,
+    /// The node sync thread (stopped; no teardown).
+    node: Option<node::NodeSync>,
+    /// The hand-over's duplicates of the listen sockets: closed after the drain, so that a
+    /// socket the successor did not use leaves the SO_REUSEPORT group then.
+    listening: Arc<Mutex<Listening>>,
+    /// How long misses in flight may take.
+    drain: Duration,
+}
+
+/// A successor serves from the shared sockets: stop receiving, answer the misses in flight for
+/// `drain`, stop everything but leave the interface and rules to the successor, then idle
+/// until SIGTERM/SIGINT (exit 0). Exiting earlier would make a supervisor restart this
+/// instance, which would then take the sockets back. If the successor exits first (a rolled
+/// back update deleting the new pod), this one exits non-zero at once, so that its supervisor
+/// restarts it and the node gets a serving instance again; the successor leaves the interface
+/// and rules for it.
+fn hand_over(end: HandOver<'_>) -> anyhow::Result<()> {
+    let HandOver {
+        pid,
+        successor,
+        signals,
+        health,
+        http,
+        workers,
+        handles,
+        upstream,
+        node,
+        listening,
+        drain,
+    } = end;
+    log::info!("handover: pid={pid} serves now; stopped receiving, answering misses in flight for {drain:?}");
+    health.enter_lame_duck();
+    http.stop();
+    release(&workers, drain);
+    stop_workers(&workers, handles);
+    upstream.stop();
+    *listening.lock().unwrap_or_else(PoisonError::into_inner) = Listening::default();
+    if let Some(node) = node {
+        // Dropped without teardown: the successor keeps the interface and rules in place.
+        drop(node.stop());
+    }
+    log::info!("handover: done; idle until stopped (the interface and rules are pid={pid}'s)");
+    loop {
+        match signals.recv_timeout(SUCCESSOR_CHECK) {
+            Ok(Signal::SIGHUP) => {}
+            Ok(signal) => {
+                log::info!("stopped signal={signal:?} (handed over to pid={pid})");
+                return Ok(());
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if successor.as_ref().is_some_and(|peer| !peer.alive()) {
+                    anyhow::bail!(
+                        "handover: the successor pid={pid} exited; exiting so that this instance is restarted and serves again"
+                    );
+                }
+            }
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                 anyhow::bail!("the signal thread stopped")
             }
+        }
+    }
+}
+
+/// Takes the sockets of the instance offering them at `[node] handover`, if any. A failure is
+/// logged and this instance binds its own sockets beside the other's (SO_REUSEPORT).
+fn take_over(config: &Config) -> Option<Taken> {
+    let path = config.node.handover.as_deref()?;
+    match Taken::take(path) {
+        Ok(Some(taken)) => {
+            log::info!(
+                "handover: took {} sockets from pid={}",
+                taken.counts().0,
+                taken.pid()
+            );
+            Some(taken)
+        }
+        Ok(None) => {
+            log::info!(
+                "handover: no instance offers at {}; binding fresh sockets",
+                path.display()
+            );
+            None
+        }
+        Err(error) => {
+            log::warn!("handover: taking over failed, binding fresh sockets beside the serving instance: {error:#}");
+            None
         }
     }
 }
@@ -132,6 +267,10 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let node_stats = Arc::new(NodeStats::default());
     let mut node = Node::new(&config, node_stats.clone())?;
     node.setup_interface()?;
+    // Hand-over (handover.rs): serve from the sockets of the instance serving now, if one
+    // offers them; what is not taken is bound fresh below.
+    let mut taken = take_over(&config);
+    let listening = Arc::new(Mutex::new(Listening::default()));
     let control_wake = Arc::new(new_eventfd()?);
     let (requests, requests_rx) = upstream::request_channel(MAX_MISSES_PER_WORKER * workers);
     let control_link = ControlLink {
@@ -151,18 +290,55 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         &config.server.listen,
         Zones::new(config.forward.iter().map(|zone| zone.zone.as_str())),
     ));
+    // HTTP first: a second instance that cannot have the health port (one serving without
+    // hand-over) fails here, before its DNS sockets join the SO_REUSEPORT groups and take a
+    // share of the queries it would never answer.
+    let http_listeners = HttpListeners::bind(&config, taken.as_mut())?;
+    {
+        let mut listening = listening.lock().unwrap_or_else(PoisonError::into_inner);
+        for (listener, _) in &http_listeners.listeners {
+            listening
+                .add(Kind::Http, 0, listener)
+                .context("keeping an HTTP listener for hand-over")?;
+        }
+    }
     let epoch = Instant::now();
     for index in 0..workers {
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
-        for &addr in &config.server.listen {
-            let (socket, actual) = sockets::bind_udp(addr, config.server.udp_receive_buffer)
-                .with_context(|| format!("binding UDP {addr}"))?;
+        for (socket_index, &addr) in config.server.listen.iter().enumerate() {
+            let socket_index =
+                u16::try_from(socket_index).expect("listen addresses are far fewer than 65536");
+            let given = taken.as_mut().and_then(|taken| taken.udp(addr));
+            let (socket, actual) = match given {
+                Some(socket) => {
+                    let actual = sockets::set_receive_buffer(
+                        &socket,
+                        addr,
+                        config.server.udp_receive_buffer,
+                    )
+                    .with_context(|| format!("taking over UDP {addr}"))?;
+                    (socket, actual)
+                }
+                None => sockets::bind_udp(addr, config.server.udp_receive_buffer)
+                    .with_context(|| format!("binding UDP {addr}"))?,
+            };
             if actual < config.server.udp_receive_buffer && index == 0 {
                 small_buffers.push((addr, actual));
             }
+            let listener = match taken.as_mut().and_then(|taken| taken.tcp(addr)) {
+                Some(listener) => listener,
+                None => sockets::bind_tcp(addr).with_context(|| format!("binding TCP {addr}"))?,
+            };
+            {
+                let mut listening = listening.lock().unwrap_or_else(PoisonError::into_inner);
+                listening
+                    .add(Kind::Udp, socket_index, &socket)
+                    .and_then(|()| listening.add(Kind::Tcp, socket_index, &listener))
+                    .context("keeping a listen socket for hand-over")?;
+            }
             udp.push(socket);
-            tcp.push(sockets::bind_tcp(addr).with_context(|| format!("binding TCP {addr}"))?);
+            tcp.push(listener);
         }
         let wake = Arc::new(new_eventfd()?);
         let (reply_tx, replies) = crossbeam_channel::unbounded();
@@ -202,7 +378,6 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         );
     }
     drop(control_link);
-    let http_listeners = HttpListeners::bind(&config)?;
     let upstream_side = UpstreamSide::spawn(
         config.forward.clone(),
         config.server.udp_payload,
@@ -251,7 +426,42 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             http_listeners.health
         )
     );
+    // The predecessor stops receiving once told that this instance serves, unless this one
+    // is being stopped already: then the predecessor goes on serving (and keeps the node
+    // setup) as if nothing had happened.
+    let (early_stop, reload_pending) = pending_signals(&signals);
+    let mut predecessor = None;
+    let mut predecessor_serves = false;
+    if let Some(taken) = taken {
+        let (received, used) = taken.counts();
+        let pid = taken.pid();
+        if let Some(signal) = early_stop {
+            log::warn!("handover: {signal:?} before confirming; pid={pid} goes on serving");
+            predecessor_serves = true;
+        } else {
+            match taken.confirm() {
+                Ok(peer) => {
+                    log::info!(
+                        "handover: serving on sockets taken from pid={pid} received={received} used={used}"
+                    );
+                    predecessor = Some(peer);
+                }
+                Err(error) => {
+                    log::error!("handover: pid={pid} was not told and goes on serving: {error:#}");
+                    predecessor_serves = true;
+                }
+            }
+        }
+    }
+    let (handover_events, mut handed_over) = crossbeam_channel::bounded(1);
+    let offer = config.node.handover.as_deref().and_then(|path| {
+        Offer::start(path, listening.clone(), handover_events)
+            .inspect_err(|error| log::error!("handover: not offered: {error:#}"))
+            .ok()
+    });
     let lameduck = config.health.lameduck;
+    // Misses are answered (or failed) by their deadline, checked on the workers' 1 s tick.
+    let drain = settings.miss_deadline + worker::TICK;
     let startup_udp_payload = config.server.udp_payload;
     let mut live = Live {
         config,
@@ -269,26 +479,112 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         control: control_metrics.clone(),
         node: Some(node_sync),
         startup_udp_payload,
+        listening,
     };
-    let waited = wait_for_stop(&signals, &mut live);
+    if reload_pending {
+        live.reload("SIGHUP");
+    }
+    let waited = match early_stop {
+        Some(signal) => Ok(Stop::Signal(signal)),
+        None => wait_for_stop(&signals, &mut handed_over, &mut live),
+    };
     let Live {
         workers: command_senders,
         upstream: upstream_side,
         node: node_sync,
+        listening,
         ..
     } = live;
-    let signal = waited?;
-    // Lame duck: /health turns 503 at once so probes and load balancers move away, while the
-    // workers keep answering for `[health] lameduck`; then they drain and stop.
-    health.enter_lame_duck();
-    if signal == Signal::SIGTERM && !lameduck.is_zero() {
-        log::info!(
-            "lame duck signal={signal:?} lameduck={lameduck:?}: /health is 503, still serving"
-        );
-        std::thread::sleep(lameduck);
+    let stop = waited?;
+    let given = offer.as_ref().map(Offer::given);
+    let successor = offer.as_ref().and_then(Offer::successor);
+    drop(offer);
+    let handed_over = given.as_ref().is_some_and(|given| given.any());
+    let signal = match stop {
+        Stop::Signal(signal) => signal,
+        Stop::HandedOver { pid } => {
+            return hand_over(HandOver {
+                pid,
+                successor,
+                signals: &signals,
+                health: &health,
+                http,
+                workers: command_senders,
+                handles,
+                upstream: upstream_side,
+                node: node_sync,
+                listening,
+                drain,
+            })
+        }
+    };
+    if handed_over {
+        // Stopped while (or just after) giving the sockets away: the taker may serve from them,
+        // so stop receiving and drain as in a hand-over, and leave the node setup alone.
+        log::info!("stopping signal={signal:?} after giving the sockets away; draining {drain:?}");
+        health.enter_lame_duck();
+        release(&command_senders, drain);
+    } else {
+        // Lame duck: /health turns 503 at once so probes and load balancers move away, while
+        // the workers keep answering for `[health] lameduck`; then they drain and stop.
+        health.enter_lame_duck();
+        if signal == Signal::SIGTERM && !lameduck.is_zero() {
+            log::info!(
+                "lame duck signal={signal:?} lameduck={lameduck:?}: /health is 503, still serving"
+            );
+            std::thread::sleep(lameduck);
+        }
+        log::info!("stopping signal={signal:?}");
     }
-    log::info!("stopping signal={signal:?}");
-    for worker in &command_senders {
+    stop_workers(&command_senders, handles);
+    upstream_side.stop();
+    // Node integration: rules first, then the interface; only what ringdns created. Not when
+    // another instance serves on them: a successor that took the sockets, or the predecessor
+    // this instance took them from, which still runs (it restarts when this one exits).
+    let predecessor_runs = predecessor_serves || predecessor.as_ref().is_some_and(Peer::alive);
+    if let Some(node) = node_sync.and_then(node::NodeSync::stop) {
+        if handed_over {
+            log::info!("teardown skipped: a successor took the sockets, the interface and rules are its now");
+        } else if predecessor_runs {
+            log::info!("teardown skipped: the instance this one took over from still runs and keeps the interface and rules");
+        } else {
+            node.teardown();
+        }
+    }
+    http.stop();
+    log::info!("stopped");
+    Ok(())
+}
+
+/// Signals that arrived before the hand-over's confirmation: a stop (SIGTERM/SIGINT) and
+/// whether a SIGHUP asked for a reload.
+fn pending_signals(signals: &crossbeam_channel::Receiver<Signal>) -> (Option<Signal>, bool) {
+    let mut stop = None;
+    let mut reload = false;
+    for signal in signals.try_iter() {
+        match signal {
+            Signal::SIGHUP => reload = true,
+            signal => {
+                stop.get_or_insert(signal);
+            }
+        }
+    }
+    (stop, reload)
+}
+
+/// Tells every worker to stop receiving (hand-over), then waits `drain` for their misses in
+/// flight.
+fn release(workers: &[WorkerHandle], drain: Duration) {
+    for worker in workers {
+        let _ = worker.commands.send(Command::Release);
+        let _ = worker.wake.write(1);
+    }
+    std::thread::sleep(drain);
+}
+
+/// Tells every worker to stop and joins their threads.
+fn stop_workers(workers: &[WorkerHandle], handles: Vec<std::thread::JoinHandle<()>>) {
+    for worker in workers {
         let _ = worker.commands.send(Command::Stop);
         let _ = worker.wake.write(1);
     }
@@ -297,14 +593,6 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             log::error!("a worker thread panicked");
         }
     }
-    upstream_side.stop();
-    // Node integration: rules first, then the interface; only what ringdns created.
-    if let Some(node) = node_sync.and_then(node::NodeSync::stop) {
-        node.teardown();
-    }
-    http.stop();
-    log::info!("stopped");
-    Ok(())
 }
 
 /// The bound HTTP listeners of `ringdns-http` and what the ready line says about them.
@@ -321,15 +609,20 @@ struct HttpListeners {
 impl HttpListeners {
     /// Binds `[health] listen` and `[metrics] listen` (one socket serving both if they are the
     /// same address).
-    fn bind(config: &Config) -> anyhow::Result<HttpListeners> {
-        let bind = |addr: SocketAddr, what: &str| -> anyhow::Result<(TcpListener, SocketAddr)> {
-            let listener =
-                TcpListener::bind(addr).with_context(|| format!("binding {what} {addr}"))?;
-            let bound = listener
-                .local_addr()
-                .with_context(|| format!("{what} {addr}"))?;
-            Ok((listener, bound))
-        };
+    fn bind(config: &Config, mut taken: Option<&mut Taken>) -> anyhow::Result<HttpListeners> {
+        let mut bind =
+            |addr: SocketAddr, what: &str| -> anyhow::Result<(TcpListener, SocketAddr)> {
+                let listener = match taken.as_mut().and_then(|taken| taken.http(addr)) {
+                    Some(listener) => listener,
+                    None => {
+                        TcpListener::bind(addr).with_context(|| format!("binding {what} {addr}"))?
+                    }
+                };
+                let bound = listener
+                    .local_addr()
+                    .with_context(|| format!("{what} {addr}"))?;
+                Ok((listener, bound))
+            };
         let (health_listener, health) = bind(config.health.listen, "health")?;
         let shared = config.metrics.listen == Some(config.health.listen);
         let mut listeners = vec![(

@@ -18,7 +18,7 @@
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Instant, SystemTime};
 
 use nix::sys::eventfd::EventFd;
@@ -31,6 +31,7 @@ use crate::worker::stats::{Layout, WorkerStats, Zones};
 use crate::worker::upstream::ForwardSetup;
 use crate::worker::{sockets, Command, Reload};
 
+use super::handover::{Kind, Listening};
 use super::node::NodeSync;
 
 /// How the config file looked when last read: a change of any part triggers a reload.
@@ -92,6 +93,9 @@ pub(crate) struct Live {
     pub(crate) node: Option<NodeSync>,
     /// `server.udp_payload` at start-up: io_uring send slots are sized by it.
     pub(crate) startup_udp_payload: u16,
+    /// The listen sockets a successor may take over (`[node] handover`), kept in step with
+    /// the listen addresses.
+    pub(crate) listening: Arc<Mutex<Listening>>,
 }
 
 /// Why a valid configuration could not be applied (the old one stays).
@@ -223,6 +227,24 @@ impl Live {
             changes.push(format!("listen_removed={}", join(&removed)));
         }
         let remove: Vec<u16> = removed.iter().map(|&addr| index_of(addr)).collect();
+        {
+            // A removed address must not stay bound through the hand-over's duplicate.
+            let mut listening = self
+                .listening
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for &index in &remove {
+                listening.remove(index);
+            }
+            for (index, udp, tcp) in bound.iter().flatten() {
+                let kept = listening
+                    .add(Kind::Udp, *index, udp)
+                    .and_then(|()| listening.add(Kind::Tcp, *index, tcp));
+                if let Err(error) = kept {
+                    log::warn!("reload: a new socket cannot be offered for hand-over: {error}");
+                }
+            }
+        }
         // The workers take the new zones only if the control side did, so both forward by
         // the same configuration.
         let mut forward_changed = forward_changed;

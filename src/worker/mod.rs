@@ -63,7 +63,7 @@ const LINGER: Duration = Duration::from_micros(200);
 const LINGER_WANT: usize = 16;
 
 /// How often a worker looks for misses whose reply never came.
-const TICK: Duration = Duration::from_secs(1);
+pub const TICK: Duration = Duration::from_secs(1);
 
 /// The I/O backend a worker runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +91,9 @@ pub enum Command {
     Settings(Settings),
     /// A reload with more than handler settings in it: swapped in between datagrams.
     Reload(Box<Reload>),
+    /// Hand-over: stop receiving queries (a successor reads the shared listen sockets now) but
+    /// keep the sockets, so misses in flight are still answered.
+    Release,
     /// Stop serving and exit the thread.
     Stop,
 }
@@ -615,6 +618,24 @@ fn apply_reload(shared: &Rc<RefCell<Shared>>, reload: Reload, index: usize) {
     }
 }
 
+/// Stops taking queries for the hand-over: UDP receives end (io_uring: their multishot
+/// receives are cancelled; epoll: the receive loops stop between batches) and the accept loops
+/// stop (this worker's listener descriptors close; the successor holds its own). Established
+/// TCP connections and misses in flight carry on.
+fn release(shared: &Rc<RefCell<Shared>>, index: usize) {
+    let mut guard = shared.borrow_mut();
+    let state = &mut *guard;
+    for task in state.udp_tasks.iter_mut().chain(state.tcp_tasks.iter_mut()) {
+        if let Some(task) = task.take() {
+            task.abort();
+        }
+    }
+    if let Udp::Uring(ring) = &mut state.udp {
+        ring.stop_receiving();
+    }
+    log::debug!("worker={index} stopped receiving (hand-over)");
+}
+
 /// Sets up the UDP side on `backend`. If io_uring fails here although the start-up probe
 /// passed (e.g. locked-memory limits), the worker runs on epoll when `fallback` allows, with
 /// one warning; otherwise the error stops start-up.
@@ -676,6 +697,7 @@ async fn control_loop(
             match command {
                 Command::Settings(settings) => shared.borrow_mut().handler.set_settings(settings),
                 Command::Reload(reload) => apply_reload(&shared, *reload, index),
+                Command::Release => release(&shared, index),
                 Command::Stop => return Ok(()),
             }
         }

@@ -111,6 +111,8 @@ pub struct RingUdp {
     unsubmitted: bool,
     /// Whether the kernel supports `min_wait` (IORING_FEAT_MIN_TIMEOUT, Linux 6.12).
     min_wait: bool,
+    /// Set by [`RingUdp::stop_receiving`] (hand-over): listen sockets are never re-armed.
+    quiet: bool,
 }
 
 /// One socket connected to an upstream.
@@ -190,6 +192,7 @@ impl RingUdp {
             events,
             unsubmitted: false,
             min_wait,
+            quiet: false,
         };
         udp.arm_receives()?;
         udp.ring.submit()?;
@@ -250,6 +253,29 @@ impl RingUdp {
         self.arm_receives()?;
         self.flush();
         Ok(())
+    }
+
+    /// Stops receiving on every listen socket (hand-over: a successor reads the same sockets
+    /// now): cancels each multishot receive, by its `user_data` so that replies queued on the
+    /// socket still go out, and never re-arms one. The sockets stay open for the replies of
+    /// misses in flight; datagrams not yet received stay queued in the socket for the
+    /// successor, and those already received (completions posted before the cancel) are
+    /// answered here.
+    pub fn stop_receiving(&mut self) {
+        self.quiet = true;
+        for index in 0..self.sockets.len() {
+            if !self.armed[index] || self.sockets[index].is_none() {
+                continue;
+            }
+            let cancel =
+                opcode::AsyncCancel2::new(CancelBuilder::user_data(self.receive_tag(index)))
+                    .build()
+                    .user_data(CANCEL_TAG | index as u64);
+            if self.push(&cancel).is_ok() {
+                self.in_flight += 1;
+            }
+        }
+        self.flush();
     }
 
     /// Removes the socket at `index` (reload: a listen address went away): cancels its
@@ -346,6 +372,9 @@ impl RingUdp {
 
     /// Arms a multishot RecvMsg on every socket that has none (tombstones skipped).
     fn arm_receives(&mut self) -> io::Result<()> {
+        if self.quiet {
+            return Ok(());
+        }
         for index in 0..self.sockets.len() {
             if self.armed[index] || self.held.get(index).is_some_and(|&held| held) {
                 continue;
@@ -532,7 +561,8 @@ impl RingUdp {
                 // Out of buffers (ENOBUFS) is re-armed at once; any other error could repeat
                 // on every re-arm and spin the worker, so that socket waits for the next tick.
                 let result = cqe.result();
-                if result < 0 && result != -libc::ENOBUFS {
+                let released = self.quiet && result == -libc::ECANCELED;
+                if result < 0 && result != -libc::ENOBUFS && !released {
                     stats.bump(Counter::ReceiveErrors);
                     if let Some(held) = self.held.get_mut(socket) {
                         *held = true;

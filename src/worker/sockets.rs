@@ -5,7 +5,7 @@
 #![forbid(unsafe_code)]
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::sys::socket::{
     bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
@@ -80,20 +80,32 @@ pub fn bind_udp(
     receive_buffer: usize,
 ) -> Result<(UdpSocket, usize), SocketError> {
     let fd = reuseport_socket(addr, SockType::Datagram)?;
-    if setsockopt(&fd, sockopt::RcvBufForce, &receive_buffer).is_err() {
+    let actual = set_receive_buffer(&fd, addr, receive_buffer)?;
+    bind_to(&fd, addr)?;
+    Ok((UdpSocket::from(fd), actual))
+}
+
+/// Raises the receive buffer of UDP socket `socket` (on `addr`, for errors) to
+/// `receive_buffer` bytes (SO_RCVBUFFORCE when permitted, else SO_RCVBUF, which the kernel caps
+/// at `net.core.rmem_max`); returns the size the kernel reports. Also used for a socket taken
+/// over from a predecessor, which may have been started with another size.
+pub fn set_receive_buffer(
+    socket: &impl AsFd,
+    addr: SocketAddr,
+    receive_buffer: usize,
+) -> Result<usize, SocketError> {
+    if setsockopt(socket, sockopt::RcvBufForce, &receive_buffer).is_err() {
         step(
             addr,
             "SO_RCVBUF",
-            setsockopt(&fd, sockopt::RcvBuf, &receive_buffer),
+            setsockopt(socket, sockopt::RcvBuf, &receive_buffer),
         )?;
     }
-    let actual = step(
+    step(
         addr,
         "SO_RCVBUF",
-        nix::sys::socket::getsockopt(&fd, sockopt::RcvBuf),
-    )?;
-    bind_to(&fd, addr)?;
-    Ok((UdpSocket::from(fd), actual))
+        nix::sys::socket::getsockopt(socket, sockopt::RcvBuf),
+    )
 }
 
 /// A non-blocking TCP listener on `addr` with SO_REUSEPORT (and SO_REUSEADDR, so a restart

@@ -19,6 +19,7 @@ mod clients;
 mod edns;
 mod faults;
 mod fixtures;
+mod handover;
 mod lifecycle;
 mod node;
 mod observability;

@@ -204,6 +204,10 @@ fn simulated_node(backend: Backend, io: Io) -> anyhow::Result<()> {
     }
 
     // 5. Restarted, ringdns answers the ClusterIP again (it adopts the interface it left).
+    //    This time it offers its sockets for hand-over.
+    let run = tempfile::Builder::new().prefix("ringdns-run").tempdir()?;
+    let handover = run.path().join("handover.sock");
+    let full = full.node_key("handover", &format!("\"{}\"", handover.display()));
     let mut dns = Ringdns::start(&full)?;
     let answer = cluster.dig("pod2", "10.96.0.10:53", false, "+time=1")?;
     ensure!(
@@ -214,6 +218,34 @@ fn simulated_node(backend: Backend, io: Io) -> anyhow::Result<()> {
         ringdns_rules(backend)? == expected,
         "no duplicates after restart"
     );
+
+    // 5b. A successor takes the sockets over; the old instance stops without teardown, and
+    //     the successor keeps answering every pod through the same interface and rules.
+    let successor = Ringdns::start(&full)?;
+    wait_for("the old instance handed over", 10 * SYNC, SYNC / 10, || {
+        Ok(dns
+            .stderr()
+            .contains("handover: done; idle until stopped")
+            .then_some(()))
+    })?;
+    dns.stop()?;
+    ensure!(
+        !dns.stderr().contains("teardown:"),
+        "the old instance tore down after handing over:\n{}",
+        dns.stderr()
+    );
+    ensure!(
+        ringdns_rules(backend)? == expected,
+        "rules kept and not duplicated across the hand-over:\n{}",
+        rule_listing(backend)?
+    );
+    for answer in cluster.query_every_pod(true)? {
+        ensure!(
+            answer.ra() && !answer.aa(),
+            "answered by the successor: {answer:?}"
+        );
+    }
+    let mut dns = successor;
 
     // 6. Teardown restores the node exactly.
     dns.stop()?;

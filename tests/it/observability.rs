@@ -7,8 +7,6 @@
 //! never asserted, only behaviour (still answering during lame duck, exit 0 after it).
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -16,6 +14,7 @@ use domain::base::iana::OptRcode;
 
 use crate::harness::auth::Authoritative;
 use crate::harness::dig::{dig, Dig};
+use crate::harness::http::http_get;
 use crate::harness::ringdns::{Io, Ringdns, TestConfig};
 use crate::harness::{backend_tests, enter_netns, wait_for, zones};
 
@@ -25,50 +24,11 @@ backend_tests!(
     metrics_endpoint_is_off_when_listen_is_empty,
 );
 
-/// Bound on one HTTP exchange.
-const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// A zone whose only upstream refuses (nothing listens there): its queries end in SERVFAIL.
 const DEAD_ZONE: &str = "dead.test";
 
 /// A closed port on the namespace's loopback.
 const DEAD_UPSTREAM: &str = "127.0.0.99:53";
-
-/// One HTTP response.
-#[derive(Debug)]
-struct HttpResponse {
-    /// Status code.
-    status: u16,
-    /// Body as text.
-    body: String,
-}
-
-/// `GET path` over HTTP/1.0 (the server closes after the response), bounded by
-/// [`HTTP_TIMEOUT`].
-fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<HttpResponse> {
-    let mut stream = TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)
-        .with_context(|| format!("connecting to {addr}"))?;
-    stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
-    stream.set_write_timeout(Some(HTTP_TIMEOUT))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut raw = Vec::new();
-    stream
-        .read_to_end(&mut raw)
-        .with_context(|| format!("reading GET {path} from {addr}"))?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("no header end in {text:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .with_context(|| format!("no status in {head:?}"))?;
-    Ok(HttpResponse {
-        status,
-        body: body.to_owned(),
-    })
-}
 
 /// Scrapes `/metrics` into series (name and labels exactly as written) → value.
 fn scrape(dns: &Ringdns) -> anyhow::Result<BTreeMap<String, f64>> {
@@ -304,7 +264,8 @@ fn metrics_endpoint_is_off_when_listen_is_empty(io: Io) -> anyhow::Result<()> {
     );
     assert_eq!(dns.ready().metrics, None);
     assert!(
-        TcpStream::connect_timeout(&"127.0.0.1:9253".parse()?, HTTP_TIMEOUT).is_err(),
+        std::net::TcpStream::connect_timeout(&"127.0.0.1:9253".parse()?, Duration::from_secs(5))
+            .is_err(),
         "nothing listens on the default metrics port"
     );
     let health = http_get(dns.health()?, "/health")?;

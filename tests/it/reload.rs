@@ -20,7 +20,7 @@ use crate::harness::auth::Authoritative;
 use crate::harness::dig::{dig, Dig};
 use crate::harness::faulty::{FaultyUpstream, Source};
 use crate::harness::ringdns::{Io, Ringdns, TestConfig};
-use crate::harness::{backend_tests, enter_netns, run_bounded, wait_for, zones};
+use crate::harness::{backend_tests, dnsperf, enter_netns, run_bounded, wait_for, zones};
 
 backend_tests!(
     sighup_applies_a_new_zone_and_upstream,
@@ -342,7 +342,7 @@ const LOAD_SECS: u32 = 6;
 /// limits and the upstreams: "Queries lost: 0".
 fn reload_under_load_loses_no_query(io: Io) -> anyhow::Result<()> {
     let _ns = enter_netns!(&format!("reload_under_load_loses_no_query/{io}"));
-    if Command::new("dnsperf").arg("-h").output().is_err() {
+    if !dnsperf::installed() {
         println!("SKIP reload_under_load: dnsperf not installed");
         return Ok(());
     }
@@ -369,21 +369,11 @@ fn reload_under_load_loses_no_query(io: Io) -> anyhow::Result<()> {
             .forward_with(".", &[relay.addr(), auth.addr()], "udp", "3s"),
         config.clone().cache_int("denial_capacity", 5000),
     ];
-    let dnsperf = {
+    let load = {
         let query_file = query_file.clone();
         // The thread shares this test's network namespace.
         thread::spawn(move || {
-            run_bounded(
-                Command::new("dnsperf")
-                    .args(["-s", "127.0.0.1", "-p", "53", "-c", "4", "-t", "5"])
-                    .arg("-Q")
-                    .arg(LOAD_QPS.to_string())
-                    .arg("-l")
-                    .arg(LOAD_SECS.to_string())
-                    .arg("-d")
-                    .arg(&query_file),
-                Duration::from_secs(u64::from(LOAD_SECS) + 20),
-            )
+            dnsperf::fixed_rate(dnsperf::LOCALHOST_53, &query_file, LOAD_QPS, LOAD_SECS)
         })
     };
     for config in &reloads {
@@ -391,29 +381,9 @@ fn reload_under_load_loses_no_query(io: Io) -> anyhow::Result<()> {
         dns.rewrite_config(config)?;
         dns.sighup()?;
     }
-    let output = dnsperf
+    let dnsperf::Run { sent, lost, stdout } = load
         .join()
         .map_err(|_| anyhow::anyhow!("dnsperf thread panicked"))??;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let lost_line = stdout
-        .lines()
-        .find(|line| line.trim_start().starts_with("Queries lost:"))
-        .with_context(|| format!("no \"Queries lost\" in dnsperf output:\n{stdout}"))?;
-    let lost: u64 = lost_line
-        .split_whitespace()
-        .nth(2)
-        .context("Queries lost: N")?
-        .parse()
-        .with_context(|| format!("parsing {lost_line:?}"))?;
-    let sent_line = stdout
-        .lines()
-        .find(|line| line.trim_start().starts_with("Queries sent:"))
-        .context("no \"Queries sent\"")?;
-    let sent: u64 = sent_line
-        .split_whitespace()
-        .nth(2)
-        .context("Queries sent: N")?
-        .parse()?;
     assert!(sent > 0, "dnsperf sent nothing:\n{stdout}");
     assert_eq!(lost, 0, "queries lost during reloads:\n{stdout}");
     // Each reload was applied, none rejected.

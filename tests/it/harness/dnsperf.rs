@@ -1,0 +1,78 @@
+//! dnsperf (Debian's) at a fixed, bounded rate: how many queries it sent and how many got no
+//! answer within its timeout.
+//!
+//! Runs on: the calling test's thread (or one it spawned), in that thread's network namespace.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use super::run_bounded;
+
+/// 127.0.0.1:53, where `TestConfig::for_tests` listens.
+pub const LOCALHOST_53: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 53);
+
+/// Seconds dnsperf waits for an answer before it counts the query lost.
+const TIMEOUT_SECS: u32 = 5;
+
+/// What one dnsperf run reported.
+#[derive(Debug)]
+pub struct Run {
+    /// "Queries sent".
+    pub sent: u64,
+    /// "Queries lost": no answer within [`TIMEOUT_SECS`].
+    pub lost: u64,
+    /// Its whole output, for assertion messages.
+    pub stdout: String,
+}
+
+/// Whether dnsperf is installed.
+pub fn installed() -> bool {
+    Command::new("dnsperf").arg("-h").output().is_ok()
+}
+
+/// Sends the `name TYPE` lines of `query_file` to `server` at `qps` queries per second for
+/// `secs` seconds over 4 client sockets; bounded by the run time plus 20 s.
+pub fn fixed_rate(
+    server: SocketAddr,
+    query_file: &Path,
+    qps: u32,
+    secs: u32,
+) -> anyhow::Result<Run> {
+    let output = run_bounded(
+        Command::new("dnsperf")
+            .arg("-s")
+            .arg(server.ip().to_string())
+            .arg("-p")
+            .arg(server.port().to_string())
+            .args(["-c", "4", "-t"])
+            .arg(TIMEOUT_SECS.to_string())
+            .arg("-Q")
+            .arg(qps.to_string())
+            .arg("-l")
+            .arg(secs.to_string())
+            .arg("-d")
+            .arg(query_file),
+        Duration::from_secs(u64::from(secs) + 20),
+    )?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let count = |label: &str| -> anyhow::Result<u64> {
+        let line = stdout
+            .lines()
+            .find(|line| line.trim_start().starts_with(label))
+            .with_context(|| format!("no {label:?} in dnsperf output:\n{stdout}"))?;
+        line.split_whitespace()
+            .nth(2)
+            .with_context(|| format!("{label} N"))?
+            .parse()
+            .with_context(|| format!("parsing {line:?}"))
+    };
+    Ok(Run {
+        sent: count("Queries sent:")?,
+        lost: count("Queries lost:")?,
+        stdout: stdout.clone(),
+    })
+}
