@@ -3,7 +3,10 @@
 //! (with test values, and with deploy/README.md's sed commands for both kube-proxy modes), a broken
 //! copy fails naming the file and line, and the config path, health address, probe paths,
 //! metrics port and stop timeouts agree across `systemd/ringdns.service`, `deploy/Dockerfile`
-//! and `deploy/ringdns.yaml`.
+//! and `deploy/ringdns.yaml`. For zero-gap upgrades the DaemonSet surges one node at a time
+//! with no unavailable pod, declares no container port (a hostPort would keep the surge pod off
+//! the node), and mounts the directory of `node.handover` from the host at the same path; the
+//! guide's sed command for the first rollout turns the surge off and changes nothing else.
 //!
 //! Runs on: the test thread. The YAML is read as text, without a YAML parser: the ConfigMap's
 //! `config.toml: |` block is found and dedented, other values are read from the indented block
@@ -95,6 +98,25 @@ fn document<'a>(yaml: &'a str, kind: &str) -> anyhow::Result<&'a str> {
     match found.as_slice() {
         [one] => Ok(one),
         other => bail!("expected one {kind}, found {}", other.len()),
+    }
+}
+
+/// The one document of `yaml` whose top-level `kind:` is `kind` and whose `metadata.name` is
+/// `name` (the manifest has two Services).
+fn named_document<'a>(yaml: &'a str, kind: &str, name: &str) -> anyhow::Result<&'a str> {
+    let found: Vec<&str> = documents(yaml)
+        .into_iter()
+        .filter(|document| document.lines().any(|line| line == format!("kind: {kind}")))
+        .filter(|document| {
+            let lines: Vec<&str> = document.lines().collect();
+            block(&lines, "metadata:")
+                .and_then(|metadata| value(&metadata, "name").map(|found| found == name))
+                .unwrap_or(false)
+        })
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(one),
+        other => bail!("expected one {kind} {name}, found {}", other.len()),
     }
 }
 
@@ -630,8 +652,25 @@ fn probes_and_timeouts_match_the_config_map_config() -> anyhow::Result<()> {
     let metrics_port = metrics.port().to_string();
     let annotations = block(&daemon_set, "annotations:")?;
     assert_eq!(value(&annotations, "prometheus.io/port")?, metrics_port);
-    let port = named_item(&daemon_set, "ports:", "metrics")?;
-    assert_eq!(value(&port, "containerPort")?, metrics_port);
+    // The container declares no port (update_strategy_surges_one_node_at_a_time_with_no_pod_
+    // missing): Prometheus finds the metrics port through the annotations and the headless
+    // Service.
+    let service: Vec<&str> = named_document(&yaml, "Service", "ringdns")?
+        .lines()
+        .collect();
+    assert_eq!(value(&block(&service, "spec:")?, "clusterIP")?, "None");
+    let service_annotations = block(&block(&service, "metadata:")?, "annotations:")?;
+    assert_eq!(
+        value(&service_annotations, "prometheus.io/port")?,
+        metrics_port
+    );
+    let port = named_item(&service, "ports:", "metrics")?;
+    assert_eq!(value(&port, "port")?, metrics_port);
+    assert_eq!(
+        value(&port, "targetPort")?,
+        metrics_port,
+        "a number: the pods declare no named port"
+    );
 
     let lameduck = seconds(string(&effective, "health.lameduck")?)?;
     let grace = seconds(value(&daemon_set, "terminationGracePeriodSeconds")?)?;
@@ -647,6 +686,158 @@ fn probes_and_timeouts_match_the_config_map_config() -> anyhow::Result<()> {
     assert!(
         seconds(stop)? > lameduck,
         "TimeoutStopSec={stop} ≤ lame duck {lameduck}s"
+    );
+    Ok(())
+}
+
+/// The lines of `lines` that set `key` (after indentation and an optional list dash), comments
+/// left out.
+fn keys_set<'a>(lines: &[&'a str], key: &str) -> Vec<&'a str> {
+    let prefix = format!("{key}:");
+    lines
+        .iter()
+        .copied()
+        .filter(|line| {
+            line.trim()
+                .trim_start_matches("- ")
+                .starts_with(prefix.as_str())
+        })
+        .collect()
+}
+
+#[test]
+fn handover_socket_is_in_a_host_directory_mounted_at_its_path() -> anyhow::Result<()> {
+    let yaml = fill(&repo_file("deploy/ringdns.yaml")?, CLUSTER_DNS);
+    let scratch = Scratch::new()?;
+    let effective = effective(&scratch.config(&config_map_config(&yaml)?)?, None)?;
+    let socket = Path::new(string(&effective, "node.handover")?);
+    assert!(
+        socket.is_absolute(),
+        "node.handover must be set (and absolute) for zero-gap upgrades: {socket:?}"
+    );
+    let directory = socket
+        .parent()
+        .and_then(Path::to_str)
+        .context("node.handover has no directory")?;
+    let daemon_set: Vec<&str> = document(&yaml, "DaemonSet")?.lines().collect();
+    let mounts: Vec<Vec<&str>> = items(&block(&daemon_set, "volumeMounts:")?)
+        .into_iter()
+        .filter(|mount| value(mount, "mountPath").is_ok_and(|path| path == directory))
+        .collect();
+    let [mount] = mounts.as_slice() else {
+        bail!(
+            "want one volume mounted at {directory}, found {}",
+            mounts.len()
+        );
+    };
+    assert!(
+        value(mount, "readOnly").map_or(true, |read_only| read_only == "false"),
+        "ringdns creates the socket in {directory}: {mount:?}"
+    );
+    assert!(
+        value(mount, "subPath").is_err(),
+        "the whole directory, so that both pods see each other's socket: {mount:?}"
+    );
+    let volume = named_item(&daemon_set, "volumes:", value(mount, "name")?)?;
+    let host_path = block(&volume, "hostPath:")
+        .context("the old and the new pod share the directory only through the host")?;
+    assert_eq!(
+        value(&host_path, "path")?,
+        directory,
+        "the same path on the host"
+    );
+    assert_eq!(value(&host_path, "type")?, "DirectoryOrCreate");
+    assert_eq!(
+        value(&daemon_set, "readOnlyRootFilesystem")?,
+        "true",
+        "only the mount is writable"
+    );
+    Ok(())
+}
+
+#[test]
+fn update_strategy_surges_one_node_at_a_time_with_no_pod_missing() -> anyhow::Result<()> {
+    let yaml = repo_file("deploy/ringdns.yaml")?;
+    let daemon_set: Vec<&str> = document(&yaml, "DaemonSet")?.lines().collect();
+    let strategy = block(&daemon_set, "updateStrategy:")?;
+    assert_eq!(value(&strategy, "type")?, "RollingUpdate");
+    let rolling = block(&strategy, "rollingUpdate:")?;
+    assert_eq!(value(&rolling, "maxSurge")?, "1");
+    assert_eq!(value(&rolling, "maxUnavailable")?, "0");
+    let min_ready: u64 = value(&daemon_set, "minReadySeconds")?.parse()?;
+    assert!(
+        min_ready > 0,
+        "until the hand-over is confirmed the old instance may answer the new pod's probe"
+    );
+    for key in ["ports", "containerPort", "hostPort"] {
+        let set = keys_set(&daemon_set, key);
+        assert!(
+            set.is_empty(),
+            "with hostNetwork a declared port becomes a hostPort, and the scheduler keeps the \
+             surge pod off the node: {set:?}"
+        );
+    }
+    Ok(())
+}
+
+/// The first-rollout command of deploy/README.md, up to the pipe into kubectl.
+fn documented_first_rollout_sed() -> anyhow::Result<String> {
+    let guide = repo_file("deploy/README.md")?;
+    let mut found = guide
+        .lines()
+        .map(str::trim_start)
+        .filter(|line| line.starts_with("sed '") && line.contains("maxSurge"));
+    let command = found
+        .next()
+        .context("no sed command for maxSurge in deploy/README.md")?;
+    ensure!(
+        found.next().is_none(),
+        "more than one sed command for maxSurge in deploy/README.md"
+    );
+    let (sed, apply) = command
+        .split_once(" | ")
+        .with_context(|| format!("{command:?} is not piped into kubectl"))?;
+    ensure!(apply.trim() == "kubectl apply -f -", "{command:?}");
+    Ok(sed.to_owned())
+}
+
+#[test]
+fn first_rollout_sed_turns_off_the_surge_and_nothing_else() -> anyhow::Result<()> {
+    let sed = documented_first_rollout_sed()?;
+    let scratch = Scratch::new()?;
+    let manifest = repo_file("deploy/ringdns.yaml")?;
+    std::fs::write(scratch.dir.path().join("ringdns.yaml"), &manifest)?;
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg(&sed)
+        .current_dir(scratch.dir.path())
+        .output()
+        .context("running sh")?;
+    ensure!(
+        output.status.success(),
+        "{sed}: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let edited = String::from_utf8(output.stdout).context("sed output is not UTF-8")?;
+    let daemon_set: Vec<&str> = document(&edited, "DaemonSet")?.lines().collect();
+    let rolling = block(&block(&daemon_set, "updateStrategy:")?, "rollingUpdate:")?;
+    assert_eq!(value(&rolling, "maxSurge")?, "0", "{sed}");
+    assert_eq!(value(&rolling, "maxUnavailable")?, "10%", "{sed}");
+    let before: Vec<&str> = manifest.lines().collect();
+    let after: Vec<&str> = edited.lines().collect();
+    assert_eq!(before.len(), after.len(), "{sed}");
+    let changed: Vec<(&str, &str)> = before
+        .iter()
+        .zip(&after)
+        .filter(|(old, new)| old != new)
+        .map(|(old, new)| (*old, *new))
+        .collect();
+    assert_eq!(
+        changed.len(),
+        2,
+        "only the two strategy lines change (the template does not, so the second apply \
+         replaces no pod): {changed:?}"
     );
     Ok(())
 }
