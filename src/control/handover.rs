@@ -626,10 +626,12 @@ impl Taken {
     /// Tells the old instance that this one serves: it stops receiving. Sockets not used
     /// (fewer workers or listen addresses here) are closed; the old instance keeps its copies
     /// of them until it stops.
-    /// Returns the predecessor, which idles until it is stopped and then exits.
-    pub fn confirm(self) -> anyhow::Result<Peer> {
-        send(&self.conn, TAKEN, None).context("confirming the hand-over")?;
-        Ok(Peer { conn: self.conn })
+    /// Returns the predecessor (which idles until it is stopped, then exits) in any case, with
+    /// the confirmation's outcome: if it could not be told, [`Peer::alive`] says whether it
+    /// still runs (then beside this instance) or is gone.
+    pub fn confirm(self) -> (Peer, anyhow::Result<()>) {
+        let sent = send(&self.conn, TAKEN, None).context("confirming the hand-over");
+        (Peer { conn: self.conn }, sent)
     }
 }
 
@@ -845,7 +847,7 @@ mod tests {
         );
         assert_eq!(taken.counts(), (3, 3));
 
-        taken.confirm()?;
+        taken.confirm().1?;
         assert_eq!(offering.events.recv_timeout(WAIT)?, taken_by_us());
         assert!(offering.offer.given().any());
         offering.offer.stop();
@@ -911,7 +913,7 @@ mod tests {
         // Still offering: the next taker gets everything.
         let second = Taken::take(&offering.path)?.context("no longer offered")?;
         assert_eq!(second.counts().0, 2);
-        second.confirm()?;
+        second.confirm().1?;
         assert_eq!(offering.events.recv_timeout(WAIT)?, taken_by_us());
         assert!(given.any());
         offering.offer.stop();
@@ -926,7 +928,8 @@ mod tests {
 
         Taken::take(&offering.path)?
             .context("the offer was not found")?
-            .confirm()?;
+            .confirm()
+            .1?;
         assert_eq!(offering.events.recv_timeout(WAIT)?, taken_by_us());
         offering.offer.stop();
         // The path is the successor's now: left in place, but nothing answers on it here.

@@ -439,26 +439,30 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             log::warn!("handover: {signal:?} before confirming; pid={pid} goes on serving");
             predecessor_serves = true;
         } else {
-            match taken.confirm() {
-                Ok(peer) => {
-                    log::info!(
-                        "handover: serving on sockets taken from pid={pid} received={received} used={used}"
-                    );
-                    predecessor = Some(peer);
-                }
-                Err(error) => {
-                    log::error!("handover: pid={pid} was not told and goes on serving: {error:#}");
-                    predecessor_serves = true;
-                }
+            let (peer, confirmed) = taken.confirm();
+            match confirmed {
+                Ok(()) => log::info!(
+                    "handover: serving on sockets taken from pid={pid} received={received} used={used}"
+                ),
+                // Whether it still runs (beside this instance) is asked again at exit.
+                Err(error) => log::error!("handover: pid={pid} was not told: {error:#}"),
             }
+            predecessor = Some(peer);
         }
     }
     let (handover_events, mut handed_over) = crossbeam_channel::bounded(1);
-    let offer = config.node.handover.as_deref().and_then(|path| {
-        Offer::start(path, listening.clone(), handover_events)
-            .inspect_err(|error| log::error!("handover: not offered: {error:#}"))
-            .ok()
-    });
+    // Not when stopping already: binding the path would take it from the predecessor, which
+    // goes on serving and offering there.
+    let offer = config
+        .node
+        .handover
+        .as_deref()
+        .filter(|_| early_stop.is_none())
+        .and_then(|path| {
+            Offer::start(path, listening.clone(), handover_events)
+                .inspect_err(|error| log::error!("handover: not offered: {error:#}"))
+                .ok()
+        });
     let lameduck = config.health.lameduck;
     // Misses are answered (or failed) by their deadline, checked on the workers' 1 s tick.
     let drain = settings.miss_deadline + worker::TICK;
