@@ -26,7 +26,7 @@ use std::mem::MaybeUninit;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -117,6 +117,17 @@ impl Listening {
         Ok(())
     }
 
+    /// Keeps duplicates of one worker's UDP socket and TCP listener on listen-socket `index`.
+    pub fn add_listen(
+        &mut self,
+        index: u16,
+        udp: &impl AsFd,
+        tcp: &impl AsFd,
+    ) -> std::io::Result<()> {
+        self.add(Kind::Udp, index, udp)?;
+        self.add(Kind::Tcp, index, tcp)
+    }
+
     /// Drops the duplicates of listen-socket `index` (a listen address removed by a reload).
     pub fn remove(&mut self, index: u16) {
         self.entries
@@ -134,22 +145,21 @@ impl Listening {
     }
 }
 
-/// Whether this instance's sockets went to a successor (shared with the shutdown path, which
-/// then leaves the interface and the rules alone).
+/// Whether this instance's sockets went to a successor, confirmed or not yet (it may serve
+/// from them either way). Shared with the shutdown path, which then leaves the interface and
+/// the rules alone.
 #[derive(Debug, Default)]
-pub struct Given(AtomicU8);
-
-/// [`Given`] states.
-const NOT_GIVEN: u8 = 0;
-/// Sent; the taker has not confirmed yet (it may be serving from them already).
-const SENT: u8 = 1;
-/// Confirmed: the successor serves.
-const CONFIRMED: u8 = 2;
+pub struct Given(AtomicBool);
 
 impl Given {
     /// Whether a successor holds (or may hold) the sockets, so the node setup is its now.
     pub fn any(&self) -> bool {
-        self.0.load(Ordering::SeqCst) != NOT_GIVEN
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Records that the sockets were sent (`true`) or that the taker went away with them.
+    fn set(&self, given: bool) {
+        self.0.store(given, Ordering::SeqCst);
     }
 }
 
@@ -157,7 +167,7 @@ impl Given {
 #[derive(Debug)]
 pub struct Offer {
     /// Tells the thread to stop offering.
-    stop: Arc<AtomicU8>,
+    stop: Arc<AtomicBool>,
     /// The thread.
     thread: Option<JoinHandle<()>>,
     /// Whether the sockets were given.
@@ -190,7 +200,7 @@ impl Offer {
     ) -> anyhow::Result<Offer> {
         let listener = bind(path).with_context(|| format!("node.handover {}", path.display()))?;
         let file = file_identity(path);
-        let stop = Arc::new(AtomicU8::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
         let given = Arc::new(Given::default());
         let successor = Arc::new(Mutex::new(None));
         let thread = {
@@ -242,7 +252,7 @@ impl Offer {
 
 impl Drop for Offer {
     fn drop(&mut self) {
-        self.stop.store(1, Ordering::SeqCst);
+        self.stop.store(true, Ordering::SeqCst);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -321,7 +331,7 @@ struct Offering {
     /// To the main thread.
     events: crossbeam_channel::Sender<Event>,
     /// Set when the offer stops.
-    stop: Arc<AtomicU8>,
+    stop: Arc<AtomicBool>,
     /// Whether the sockets were given.
     given: Arc<Given>,
     /// The confirmed successor's connection.
@@ -344,7 +354,7 @@ fn serve(offering: &Offering) {
         log::error!("handover: {} not offered: {error:#}", path.display());
         return;
     }
-    while stop.load(Ordering::SeqCst) == 0 {
+    while !stop.load(Ordering::SeqCst) {
         let conn = match socket::accept4(listener.as_fd(), SockFlag::SOCK_CLOEXEC) {
             Ok(conn) => conn,
             Err(Errno::EAGAIN | Errno::EINTR | Errno::ECONNABORTED) => continue,
@@ -356,7 +366,6 @@ fn serve(offering: &Offering) {
         };
         match give(&conn, listening, given, stop) {
             Ok(pid) => {
-                given.0.store(CONFIRMED, Ordering::SeqCst);
                 *successor.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn);
                 let _ = events.send(Event::Taken { pid });
                 return;
@@ -369,7 +378,7 @@ fn serve(offering: &Offering) {
             }
             Err(Abandoned::Failed(error)) => {
                 // The taker's copies closed with it (or it never got any): nothing changed.
-                given.0.store(NOT_GIVEN, Ordering::SeqCst);
+                given.set(false);
                 log::warn!("handover: not taken: {error:#}");
             }
             Err(Abandoned::Unsure(error)) => {
@@ -411,7 +420,7 @@ fn give(
     conn: &OwnedFd,
     listening: &Mutex<Listening>,
     given: &Given,
-    stop: &AtomicU8,
+    stop: &AtomicBool,
 ) -> Result<i32, Abandoned> {
     let credentials = socket::getsockopt(conn, sockopt::PeerCredentials)
         .context("reading the taker's credentials")?;
@@ -442,7 +451,7 @@ fn give(
     };
     let count = sockets.len();
     set_send_timeout(conn, EXCHANGE_TIMEOUT)?;
-    given.0.store(SENT, Ordering::SeqCst);
+    given.set(true);
     for (kind, fd) in &sockets {
         send(conn, kind.word(), Some(fd.as_fd()))
             .with_context(|| format!("sending a {} socket", kind.word()))?;
@@ -468,13 +477,13 @@ fn give(
 
 /// The next record on `conn` (whose SO_RCVTIMEO is [`POLL_INTERVAL`]), waiting up to `within`
 /// unless `stop` is set meanwhile.
-fn next_record(conn: &OwnedFd, within: Duration, stop: &AtomicU8) -> Result<String, Abandoned> {
+fn next_record(conn: &OwnedFd, within: Duration, stop: &AtomicBool) -> Result<String, Abandoned> {
     let deadline = std::time::Instant::now() + within;
     loop {
         if let Some((record, _)) = receive_or_timeout(conn)? {
             return Ok(record);
         }
-        if stop.load(Ordering::SeqCst) != 0 {
+        if stop.load(Ordering::SeqCst) {
             return Err(Abandoned::Stopping);
         }
         if std::time::Instant::now() >= deadline {
@@ -696,24 +705,18 @@ fn receive_or_timeout(conn: &OwnedFd) -> anyhow::Result<Option<(String, Option<O
 
 /// Bounds every send on `conn` by `timeout`.
 fn set_send_timeout(conn: &OwnedFd, timeout: Duration) -> anyhow::Result<()> {
-    let micros = i64::try_from(timeout.as_micros()).unwrap_or(i64::MAX);
-    socket::setsockopt(
-        conn,
-        sockopt::SendTimeout,
-        &TimeVal::new(micros / 1_000_000, micros % 1_000_000),
-    )
-    .context("SO_SNDTIMEO")
+    socket::setsockopt(conn, sockopt::SendTimeout, &timeval(timeout)).context("SO_SNDTIMEO")
 }
 
 /// Bounds every receive on `conn` by `timeout`.
 fn set_timeout(conn: &OwnedFd, timeout: Duration) -> anyhow::Result<()> {
+    socket::setsockopt(conn, sockopt::ReceiveTimeout, &timeval(timeout)).context("SO_RCVTIMEO")
+}
+
+/// `timeout` as a `timeval`.
+fn timeval(timeout: Duration) -> TimeVal {
     let micros = i64::try_from(timeout.as_micros()).unwrap_or(i64::MAX);
-    socket::setsockopt(
-        conn,
-        sockopt::ReceiveTimeout,
-        &TimeVal::new(micros / 1_000_000, micros % 1_000_000),
-    )
-    .context("SO_RCVTIMEO")
+    TimeVal::new(micros / 1_000_000, micros % 1_000_000)
 }
 
 #[cfg(test)]

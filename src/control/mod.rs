@@ -333,8 +333,7 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             {
                 let mut listening = listening.lock().unwrap_or_else(PoisonError::into_inner);
                 listening
-                    .add(Kind::Udp, socket_index, &socket)
-                    .and_then(|()| listening.add(Kind::Tcp, socket_index, &listener))
+                    .add_listen(socket_index, &socket, &listener)
                     .context("keeping a listen socket for hand-over")?;
             }
             udp.push(socket);

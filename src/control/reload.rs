@@ -31,7 +31,7 @@ use crate::worker::stats::{Layout, WorkerStats, Zones};
 use crate::worker::upstream::ForwardSetup;
 use crate::worker::{sockets, Command, Reload};
 
-use super::handover::{Kind, Listening};
+use super::handover::Listening;
 use super::node::NodeSync;
 
 /// How the config file looked when last read: a change of any part triggers a reload.
@@ -237,10 +237,7 @@ impl Live {
                 listening.remove(index);
             }
             for (index, udp, tcp) in bound.iter().flatten() {
-                let kept = listening
-                    .add(Kind::Udp, *index, udp)
-                    .and_then(|()| listening.add(Kind::Tcp, *index, tcp));
-                if let Err(error) = kept {
+                if let Err(error) = listening.add_listen(*index, udp, tcp) {
                     log::warn!("reload: a new socket cannot be offered for hand-over: {error}");
                 }
             }
