@@ -45,27 +45,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Starts "$@" under timeout pinned to CPU $1, logging to $2; sets started to the process itself.
-start() {
-    local cpu="$1" log="$2"
-    shift 2
-    timeout -k 5 300 taskset -c "$cpu" "$@" >"$log" 2>&1 &
-    local wrapper=$!
-    pids+=("$wrapper")
-    started=""
-    for _ in $(seq 200); do
-        started="$(cat "/proc/$wrapper/task/$wrapper/children" 2>/dev/null | awk '{print $1}')"
-        [[ -n $started ]] && break
-        sleep 0.01
-    done
-    [[ -n $started ]] || { cat "$log" >&2; die "could not start: $*"; }
-    pids+=("$started")
-}
-stop() {
-    kill -TERM "$1" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.05; done
-    kill -KILL "$1" 2>/dev/null || true
-}
+# start_pinned, stop_pid
+# shellcheck source=perf/lib.sh
+source "$repo/perf/lib.sh"
 ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
 on_cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {print s}'; }
 thread_ns() {
@@ -79,8 +61,8 @@ thread_ns() {
 }
 
 rm -f "$dir/knot/knot.pid"
-start 0 "$work/knotd.log" knotd -c "$dir/knot/knot.conf"
-knot=$started
+start_pinned 300 0 "$work/knotd.log" knotd -c "$dir/knot/knot.conf"
+knot=$started_pid
 sleep 1
 cat >"$work/ringdns.toml" <<EOF
 [server]
@@ -104,8 +86,8 @@ misses=$(wc -l <"$dir/miss.txt")
 echo "transport=$transport misses/run=$misses runs=$runs"
 for ((run = 1; run <= runs; run++)); do
     for binary in "${binaries[@]}"; do
-        start 1 "$work/ringdns.log" "$binary" run --config "$work/ringdns.toml"
-        server=$started
+        start_pinned 300 1 "$work/ringdns.log" "$binary" run --config "$work/ringdns.toml"
+        server=$started_pid
         for _ in $(seq 100); do grep -q "ready udp" "$work/ringdns.log" && break; sleep 0.1; done
         grep -q "ready udp" "$work/ringdns.log" || { cat "$work/ringdns.log" >&2; die "$binary did not start"; }
         t0=$(ticks "$server"); n0=$(on_cpu_ns "$server")
@@ -115,7 +97,7 @@ for ((run = 1; run <= runs; run++)); do
             die "loadgen failed against $binary"
         t1=$(ticks "$server"); n1=$(on_cpu_ns "$server")
         w1=$(thread_ns "$server" 'ringdns-w[0-9]*'); c1=$(thread_ns "$server" ringdns-ctl)
-        stop "$server"
+        stop_pid "$server"
         answered=$(grep -o '"answered":[0-9]*' "$work/lg.json" | cut -d: -f2)
         awk -v b="$binary" -v t=$((t1 - t0)) -v n=$((n1 - n0)) -v w=$((w1 - w0)) -v c=$((c1 - c0)) \
             -v a="$answered" -v hz="$hz" -v run="$run" 'BEGIN {
@@ -123,4 +105,4 @@ for ((run = 1; run <= runs; run++)); do
                 run, b, a, t / hz * 1e6 / a, n / 1e3 / a, w / 1e3 / a, c / 1e3 / a }'
     done
 done
-stop "$knot"
+stop_pid "$knot"

@@ -135,32 +135,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Starts "$@" under `timeout` (so it dies by itself after $1 s even if this script is killed)
-# pinned to CPU $2, logging to $3; sets started_pid to the process itself (not the wrapper).
-start_pinned() {
-    local life="$1" cpu="$2" log="$3"
-    shift 3
-    timeout -k 5 "$life" taskset -c "$cpu" "$@" >"$log" 2>&1 &
-    local wrapper=$!
-    pids+=("$wrapper")
-    started_pid=""
-    for _ in $(seq 200); do
-        started_pid="$(cat "/proc/$wrapper/task/$wrapper/children" 2>/dev/null | awk '{print $1}')"
-        [[ -n "$started_pid" ]] && break
-        kill -0 "$wrapper" 2>/dev/null || break
-        sleep 0.01
-    done
-    [[ -n "$started_pid" ]] || { cat "$log" >&2; die "could not start: $*"; }
-    pids+=("$started_pid")
-}
-
-# Stops process $1 (started by start_pinned), bounded.
-stop_pid() {
-    local pid="$1"
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.05; done
-    kill -KILL "$pid" 2>/dev/null || true
-}
+# start_pinned, stop_pid
+# shellcheck source=perf/lib.sh
+source "$repo/perf/lib.sh"
 
 # Waits (≤ 10 s) until $1 answers kubernetes.default.svc.cluster.local A with 10.96.0.1.
 wait_dns() {

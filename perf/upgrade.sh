@@ -55,21 +55,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Starts "$@" under timeout, logging to $1; sets `started` to the process itself.
-start() {
-    local log="$1"
-    shift
-    timeout -k 5 300 "$@" >"$log" 2>&1 &
-    local wrapper=$!
-    pids+=("$wrapper")
-    started=""
-    for _ in $(seq 200); do
-        started="$(cat "/proc/$wrapper/task/$wrapper/children" 2>/dev/null | awk '{print $1}')"
-        [[ -n $started ]] && break
-        sleep 0.01
-    done
-    [[ -n $started ]] || die "could not start $1"
-}
+# start_pinned, stop_pid
+# shellcheck source=perf/lib.sh
+source "$repo/perf/lib.sh"
+# Nothing is pinned here: every CPU.
+cpus="0-$(($(nproc) - 1))"
 
 # Waits (at most 20 s) until file $1 has a line matching $2.
 wait_line() {
@@ -90,8 +80,8 @@ wait_gone() {
 }
 
 rm -f "$dir/knot/knot.pid"
-start "$work/knot.log" knotd -c "$dir/knot/knot.conf"
-knot=$started
+start_pinned 300 "$cpus" "$work/knot.log" knotd -c "$dir/knot/knot.conf"
+knot=$started_pid
 # Queries: the hot set, with one distinct miss in every 20 (misses are in flight at any time).
 awk 'NR == FNR { hot[n++] = $0; next } { print hot[FNR % n]; if (FNR % 20 == 0) print }' \
     "$dir/hot.txt" "$dir/miss.txt" >"$work/queries.txt"
@@ -118,24 +108,24 @@ for ((run = 1; run <= runs; run++)); do
     for mode in handover restart; do
         config="$work/ringdns.toml"
         [[ $mode == restart ]] && config="$work/ringdns-plain.toml"
-        start "$work/old.log" "$binary" run --config "$config"
-        old=$started
+        start_pinned 300 "$cpus" "$work/old.log" "$binary" run --config "$config"
+        old=$started_pid
         wait_line "$work/old.log" "ready udp"
         "$loadgen" --server 127.0.0.2:53 --queries "$work/queries.txt" --rate "$rate" \
             --duration "$seconds" --timeout-ms 1000 --json >"$work/lg.json" 2>/dev/null &
         load=$!
         sleep 2
         if [[ $mode == handover ]]; then
-            start "$work/new.log" "$binary" run --config "$config"
-            new=$started
+            start_pinned 300 "$cpus" "$work/new.log" "$binary" run --config "$config"
+            new=$started_pid
             wait_line "$work/old.log" "handover: done"
             kill -TERM "$old"
             wait_gone "$old"
         else
             kill -TERM "$old"
             wait_gone "$old"
-            start "$work/new.log" "$binary" run --config "$config"
-            new=$started
+            start_pinned 300 "$cpus" "$work/new.log" "$binary" run --config "$config"
+            new=$started_pid
             wait_line "$work/new.log" "ready udp"
         fi
         wait "$load" || true
@@ -146,4 +136,4 @@ for ((run = 1; run <= runs; run++)); do
             "$work/lg.json" | xargs printf '%-9s %3s %8s %8s %6s %6s %8s %8s %8s\n'
     done
 done
-kill -TERM "$knot" 2>/dev/null || true
+stop_pid "$knot"
