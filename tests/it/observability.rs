@@ -9,12 +9,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
 use domain::base::iana::OptRcode;
 
 use crate::harness::auth::Authoritative;
 use crate::harness::dig::{dig, Dig};
-use crate::harness::http::http_get;
+use crate::harness::http::{self, http_get};
 use crate::harness::ringdns::{Io, Ringdns, TestConfig};
 use crate::harness::{backend_tests, enter_netns, wait_for, zones};
 
@@ -30,26 +29,9 @@ const DEAD_ZONE: &str = "dead.test";
 /// A closed port on the namespace's loopback.
 const DEAD_UPSTREAM: &str = "127.0.0.99:53";
 
-/// Scrapes `/metrics` into series (name and labels exactly as written) → value.
+/// Scrapes `dns`'s `/metrics`.
 fn scrape(dns: &Ringdns) -> anyhow::Result<BTreeMap<String, f64>> {
-    let response = http_get(dns.metrics()?, "/metrics")?;
-    if response.status != 200 {
-        bail!("/metrics answered {}: {}", response.status, response.body);
-    }
-    let mut series = BTreeMap::new();
-    for line in response.body.lines() {
-        if line.starts_with('#') || line.is_empty() {
-            continue;
-        }
-        let (name, value) = line
-            .rsplit_once(' ')
-            .with_context(|| format!("bad sample line {line:?}"))?;
-        let value: f64 = value
-            .parse()
-            .with_context(|| format!("bad value in {line:?}"))?;
-        series.insert(name.to_owned(), value);
-    }
-    Ok(series)
+    http::scrape(dns.metrics()?)
 }
 
 /// Asserts `series` is in `metrics` with a value of at least `min`.

@@ -7,8 +7,7 @@
 //! Every wait is bounded (`wait_for`); no speed is asserted, only what is answered.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::thread;
 use std::time::Duration;
@@ -20,7 +19,7 @@ use crate::harness::auth::Authoritative;
 use crate::harness::dig::{dig, Dig};
 use crate::harness::faulty::{FaultyUpstream, Source};
 use crate::harness::ringdns::{Io, Ringdns, TestConfig};
-use crate::harness::{backend_tests, dnsperf, enter_netns, run_bounded, wait_for, zones};
+use crate::harness::{backend_tests, dnsperf, enter_netns, http, run_bounded, wait_for, zones};
 
 backend_tests!(
     sighup_applies_a_new_zone_and_upstream,
@@ -83,28 +82,9 @@ fn wait_for_second_zone(dns: &Ringdns, first: usize) -> anyhow::Result<()> {
     })
 }
 
-/// `GET /metrics` over HTTP/1.0 and parse it into series → value.
+/// Scrapes `dns`'s `/metrics`.
 fn scrape(dns: &Ringdns) -> anyhow::Result<BTreeMap<String, f64>> {
-    let addr = dns.metrics()?;
-    let timeout = Duration::from_secs(5);
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw)?;
-    let (head, body) = raw.split_once("\r\n\r\n").context("no header end")?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        bail!("/metrics answered {head}");
-    }
-    let mut series = BTreeMap::new();
-    for line in body.lines() {
-        if line.starts_with('#') || line.is_empty() {
-            continue;
-        }
-        let (name, value) = line.rsplit_once(' ').context("bad sample line")?;
-        series.insert(name.to_owned(), value.parse()?);
-    }
-    Ok(series)
+    http::scrape(dns.metrics()?)
 }
 
 /// `coredns_reload_failed_total` now.

@@ -2,11 +2,12 @@
 //!
 //! Runs on: the calling test's thread, in its network namespace.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 
 /// Bound on one HTTP exchange.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -45,4 +46,26 @@ pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<HttpResponse> {
         status,
         body: body.to_owned(),
     })
+}
+
+/// Scrapes `/metrics` at `addr` into series (name and labels exactly as written) → value.
+pub fn scrape(addr: SocketAddr) -> anyhow::Result<BTreeMap<String, f64>> {
+    let response = http_get(addr, "/metrics")?;
+    if response.status != 200 {
+        bail!("/metrics answered {}: {}", response.status, response.body);
+    }
+    let mut series = BTreeMap::new();
+    for line in response.body.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (name, value) = line
+            .rsplit_once(' ')
+            .with_context(|| format!("bad sample line {line:?}"))?;
+        let value: f64 = value
+            .parse()
+            .with_context(|| format!("bad value in {line:?}"))?;
+        series.insert(name.to_owned(), value);
+    }
+    Ok(series)
 }
