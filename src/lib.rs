@@ -24,6 +24,7 @@
 //!   a bounded crossbeam channel; answers go back over each worker's own channel plus an eventfd
 //!   wake-up. TCP connections to an upstream are pooled and pipelined across workers.
 //! - [`control`]: start-up order, signals, live reload (SIGHUP or a config file change),
+//!   worker supervision (a worker that panics is restarted in place on its own sockets),
 //!   shutdown.
 //! - [`dns`] (the only module that imports `domain`), [`cache`] and [`worker::handler`] are
 //!   pure: no I/O, no clock; time comes in as `now`.

@@ -147,7 +147,7 @@ impl NodeReport for NodeStats {
 ///
 /// # Threads
 ///
-/// `backend` and `reload_failures` are written by the control thread, the health histogram only
+/// `backend`, `reload_failures` and `worker_restarts` are written by the control thread, the health histogram only
 /// by `ringdns-http` (one writer each, `Relaxed` load + store); every field is read by
 /// `ringdns-http` at scrape time.
 #[derive(Debug)]
@@ -156,6 +156,8 @@ pub struct ControlMetrics {
     backend: AtomicU8,
     /// Reloads rejected (the old configuration stayed in force).
     reload_failures: AtomicU64,
+    /// Per worker: restarts in place after the worker ended unasked (control/supervise.rs).
+    worker_restarts: OnceLock<Box<[AtomicU64]>>,
     /// `[HEALTH_SLOTS]`: `/health` check durations.
     health_durations: [AtomicU64; HEALTH_SLOTS],
     /// The node integration, once connected.
@@ -167,6 +169,7 @@ impl Default for ControlMetrics {
         ControlMetrics {
             backend: AtomicU8::new(0),
             reload_failures: AtomicU64::new(0),
+            worker_restarts: OnceLock::new(),
             health_durations: Default::default(),
             node: OnceLock::new(),
         }
@@ -196,6 +199,32 @@ impl ControlMetrics {
     pub fn record_reload_failure(&self) {
         let cell = &self.reload_failures;
         cell.store(cell.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+
+    /// Lays out the restart counters of `workers` workers (control thread, at start-up).
+    pub fn set_workers(&self, workers: usize) {
+        let _ = self
+            .worker_restarts
+            .set((0..workers).map(|_| AtomicU64::new(0)).collect());
+    }
+
+    /// Counts a restart of worker `index` (control thread only).
+    pub fn record_worker_restart(&self, index: usize) {
+        if let Some(cell) = self.worker_restarts.get().and_then(|all| all.get(index)) {
+            cell.store(cell.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Restarts per worker so far.
+    pub fn worker_restarts(&self) -> Vec<u64> {
+        self.worker_restarts
+            .get()
+            .map(|all| {
+                all.iter()
+                    .map(|cell| cell.load(Ordering::Relaxed))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Records one `/health` check that took `elapsed` (`ringdns-http` only).
@@ -794,6 +823,17 @@ fn ringdns_series(out: &mut Families, sources: &Sources, now: Instant) {
                 let count = w.read(Counter::UdpQueries) + w.read(Counter::TcpQueries);
                 (vec![("worker", index.to_string())], count)
             })
+            .collect(),
+    );
+    out.counter(
+        "ringdns_worker_restarts_total",
+        "Restarts in place of a worker that ended without being told to (a panic: a bug).",
+        sources
+            .control
+            .worker_restarts()
+            .into_iter()
+            .enumerate()
+            .map(|(index, count)| (vec![("worker", index.to_string())], count))
             .collect(),
     );
     out.gauge(

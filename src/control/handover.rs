@@ -105,33 +105,81 @@ impl Kind {
 /// removed listen address must not stay bound through a duplicate held here.
 #[derive(Debug, Default)]
 pub struct Listening {
-    /// (kind, listen-socket index; 0 for HTTP, descriptor).
-    entries: Vec<(Kind, u16, OwnedFd)>,
+    /// The duplicates.
+    entries: Vec<Held>,
+}
+
+/// One duplicate in [`Listening`].
+#[derive(Debug)]
+struct Held {
+    /// What it is for.
+    kind: Kind,
+    /// The worker it belongs to (0 for HTTP).
+    worker: usize,
+    /// Its listen-socket index (0 for HTTP).
+    index: u16,
+    /// The descriptor.
+    fd: OwnedFd,
 }
 
 impl Listening {
-    /// Keeps a duplicate of `socket` as `kind` for listen-socket `index`.
+    /// Keeps a duplicate of `socket` as `kind` for listen-socket `index` (of worker 0).
     pub fn add(&mut self, kind: Kind, index: u16, socket: &impl AsFd) -> std::io::Result<()> {
+        self.add_for(0, kind, index, socket)
+    }
+
+    /// Keeps a duplicate of `socket` as `kind` for listen-socket `index` of `worker`.
+    fn add_for(
+        &mut self,
+        worker: usize,
+        kind: Kind,
+        index: u16,
+        socket: &impl AsFd,
+    ) -> std::io::Result<()> {
         let fd = socket.as_fd().try_clone_to_owned()?;
-        self.entries.push((kind, index, fd));
+        self.entries.push(Held {
+            kind,
+            worker,
+            index,
+            fd,
+        });
         Ok(())
     }
 
-    /// Keeps duplicates of one worker's UDP socket and TCP listener on listen-socket `index`.
+    /// Keeps duplicates of `worker`'s UDP socket and TCP listener on listen-socket `index`.
     pub fn add_listen(
         &mut self,
+        worker: usize,
         index: u16,
         udp: &impl AsFd,
         tcp: &impl AsFd,
     ) -> std::io::Result<()> {
-        self.add(Kind::Udp, index, udp)?;
-        self.add(Kind::Tcp, index, tcp)
+        self.add_for(worker, Kind::Udp, index, udp)?;
+        self.add_for(worker, Kind::Tcp, index, tcp)
+    }
+
+    /// New duplicates of `worker`'s listen sockets, by socket index (`None` where a reload
+    /// removed the address): what a worker restarted in place serves from
+    /// (control/supervise.rs). They are the same kernel sockets, so they keep their place in
+    /// the SO_REUSEPORT groups and the datagrams queued in them.
+    pub fn worker_sockets(&self, worker: usize) -> std::io::Result<WorkerSockets> {
+        let mut sockets = WorkerSockets::default();
+        for held in self.entries.iter().filter(|held| held.worker == worker) {
+            let index = usize::from(held.index);
+            let fd = held.fd.try_clone()?;
+            match held.kind {
+                Kind::Udp => put(&mut sockets.udp, index, UdpSocket::from(fd)),
+                Kind::Tcp => put(&mut sockets.tcp, index, TcpListener::from(fd)),
+                Kind::Http => {}
+            }
+        }
+        Ok(sockets)
     }
 
     /// Drops the duplicates of listen-socket `index` (a listen address removed by a reload).
     pub fn remove(&mut self, index: u16) {
         self.entries
-            .retain(|(kind, at, _)| *kind == Kind::Http || *at != index);
+            .retain(|held| held.kind == Kind::Http || held.index != index);
     }
 
     /// How many sockets it holds.
@@ -143,6 +191,23 @@ impl Listening {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+}
+
+/// One worker's listen sockets, by socket index.
+#[derive(Debug, Default)]
+pub struct WorkerSockets {
+    /// UDP sockets.
+    pub udp: Vec<Option<UdpSocket>>,
+    /// TCP listeners.
+    pub tcp: Vec<Option<TcpListener>>,
+}
+
+/// Puts `socket` at `index`, growing `slots` with `None` as needed.
+fn put<T>(slots: &mut Vec<Option<T>>, index: usize, socket: T) {
+    if slots.len() <= index {
+        slots.resize_with(index + 1, || None);
+    }
+    slots[index] = Some(socket);
 }
 
 /// Whether this instance's sockets went to a successor, confirmed or not yet (it may serve
@@ -445,7 +510,7 @@ fn give(
         listening
             .entries
             .iter()
-            .map(|(kind, _, fd)| Ok((*kind, fd.try_clone()?)))
+            .map(|held| Ok((held.kind, held.fd.try_clone()?)))
             .collect::<std::io::Result<Vec<_>>>()
             .context("duplicating the sockets")?
     };
@@ -1009,7 +1074,7 @@ mod tests {
         let left: Vec<(Kind, u16)> = listening
             .entries
             .iter()
-            .map(|(kind, index, _)| (*kind, *index))
+            .map(|held| (held.kind, held.index))
             .collect();
         assert_eq!(
             left,
@@ -1023,10 +1088,7 @@ mod tests {
 
         listening.remove(1);
         assert_eq!(listening.len(), 2);
-        assert!(listening
-            .entries
-            .iter()
-            .all(|(kind, ..)| *kind == Kind::Http));
+        assert!(listening.entries.iter().all(|held| held.kind == Kind::Http));
         assert!(!listening.is_empty());
         Ok(())
     }

@@ -9,7 +9,8 @@
 //! health port is taken), start the upstream side on
 //! `ringdns-ctl` and the HTTP side on `ringdns-http`, start the workers, log one `ready` line.
 //! Then the main thread waits for signals: SIGHUP, or a change of the config file (polled every
-//! [`WATCH_INTERVAL`] when started with `--config`), reloads ([`reload`]); SIGTERM/SIGINT stop.
+//! [`WATCH_INTERVAL`] when started with `--config`), reloads ([`reload`]); a worker thread that
+//! ends unasked is restarted in place ([`supervise`]); SIGTERM/SIGINT stop.
 //! Shutdown: `/health` turns 503 at once; on SIGTERM the workers keep answering for
 //! `[health] lameduck` (lame duck); then tell every worker to stop, join them, stop the
 //! upstream side, stop the HTTP side.
@@ -23,6 +24,7 @@ pub mod nftables;
 pub mod node;
 pub mod reload;
 pub mod rules;
+pub mod supervise;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -44,7 +46,8 @@ use crate::worker::{self, sockets, Backend, Command, WorkerSetup};
 
 use self::handover::{Event, Kind, Listening, Offer, Peer, Taken};
 use self::node::{Node, NodeStats};
-use self::reload::{FileStamp, Live, WorkerHandle};
+use self::reload::{FileStamp, Live};
+use self::supervise::WorkerHandle;
 
 /// Distinct misses one worker may have in flight before it answers SERVFAIL.
 const MAX_MISSES_PER_WORKER: usize = 4096;
@@ -122,14 +125,22 @@ enum Stop {
 }
 
 /// Waits for SIGTERM, SIGINT or a hand-over; meanwhile reloads on SIGHUP and on a change of
-/// the config file.
+/// the config file, and restarts workers that end unasked (supervise.rs).
 fn wait_for_stop(
     signals: &crossbeam_channel::Receiver<Signal>,
     handed_over: &mut crossbeam_channel::Receiver<Event>,
+    exits: &crossbeam_channel::Receiver<worker::Exit>,
     live: &mut Live,
 ) -> anyhow::Result<Stop> {
     loop {
+        let wait = live.next_restart().map_or(WATCH_INTERVAL, |due| {
+            due.saturating_duration_since(Instant::now())
+                .min(WATCH_INTERVAL)
+        });
         crossbeam_channel::select! {
+            recv(exits) -> exit => if let Ok(exit) = exit {
+                live.worker_exited(exit);
+            },
             recv(signals) -> signal => match signal {
                 Ok(Signal::SIGHUP) => live.reload("SIGHUP"),
                 Ok(signal) => return Ok(Stop::Signal(signal)),
@@ -141,7 +152,10 @@ fn wait_for_stop(
                 // and file changes only; a closed channel would be ready on every turn.
                 Err(_) => *handed_over = crossbeam_channel::never(),
             },
-            default(WATCH_INTERVAL) => live.poll_file(),
+            default(wait) => {
+                live.restart_due(Instant::now());
+                live.poll_file();
+            }
         }
     }
 }
@@ -158,10 +172,8 @@ struct HandOver<'a> {
     health: &'a Health,
     /// Stopped at once: the successor answers probes and scrapes on the shared listeners.
     http: HttpServer,
-    /// The workers' command channels.
+    /// The workers.
     workers: Vec<WorkerHandle>,
-    /// The worker threads.
-    handles: Vec<std::thread::JoinHandle<()>>,
     /// The forwarding side.
     upstream: UpstreamSide,
     /// The node sync thread (stopped; no teardown).
@@ -187,8 +199,7 @@ fn hand_over(end: HandOver<'_>) -> anyhow::Result<()> {
         signals,
         health,
         http,
-        workers,
-        handles,
+        mut workers,
         upstream,
         node,
         listening,
@@ -198,7 +209,7 @@ fn hand_over(end: HandOver<'_>) -> anyhow::Result<()> {
     health.enter_lame_duck();
     http.stop();
     release(&workers, drain);
-    stop_workers(&workers, handles);
+    stop_workers(&mut workers);
     upstream.stop();
     *listening.lock().unwrap_or_else(PoisonError::into_inner) = Listening::default();
     if let Some(node) = node {
@@ -272,6 +283,8 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let mut taken = take_over(&config);
     let listening = Arc::new(Mutex::new(Listening::default()));
     let control_wake = Arc::new(new_eventfd()?);
+    // Supervision (supervise.rs): every worker thread says here how it ended.
+    let (exits_tx, exits) = crossbeam_channel::unbounded();
     let (requests, requests_rx) = upstream::request_channel(MAX_MISSES_PER_WORKER * workers);
     let control_link = ControlLink {
         requests,
@@ -279,10 +292,8 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     };
     let mut setups = Vec::with_capacity(workers);
     let mut links = Vec::with_capacity(workers);
-    let mut command_senders = Vec::with_capacity(workers);
+    let mut handles = Vec::with_capacity(workers);
     let mut all_stats = Vec::with_capacity(workers);
-    // Each worker's own series of the upstreams it queries over UDP itself.
-    let mut worker_upstreams = Vec::new();
     let mut small_buffers = Vec::new();
     let (ready_tx, ready_rx) = crossbeam_channel::bounded(workers);
     // Observability: every worker's series share one layout (listen addresses × zones).
@@ -333,11 +344,11 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             {
                 let mut listening = listening.lock().unwrap_or_else(PoisonError::into_inner);
                 listening
-                    .add_listen(socket_index, &socket, &listener)
-                    .context("keeping a listen socket for hand-over")?;
+                    .add_listen(index, socket_index, &socket, &listener)
+                    .context("keeping a listen socket for hand-over and restarts")?;
             }
-            udp.push(socket);
-            tcp.push(listener);
+            udp.push(Some(socket));
+            tcp.push(Some(listener));
         }
         let wake = Arc::new(new_eventfd()?);
         let (reply_tx, replies) = crossbeam_channel::unbounded();
@@ -347,13 +358,25 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             replies: reply_tx,
             wake: wake.clone(),
         });
-        command_senders.push((command_tx, wake.clone()));
         all_stats.push(stats.clone());
         let forward = ForwardSetup::new(config.forward.clone(), config.server.udp_payload);
-        worker_upstreams.extend(forward.metrics.iter().cloned());
+        let core = (!cores.is_empty()).then(|| cores[index % cores.len()]);
+        handles.push(WorkerHandle {
+            commands: command_tx,
+            wake: wake.clone(),
+            inbox: commands.clone(),
+            replies: replies.clone(),
+            core,
+            upstreams: forward.metrics.clone(),
+            thread: None,
+            starts: 1,
+            started: epoch,
+            due: None,
+        });
         setups.push(WorkerSetup {
             index,
-            core: (!cores.is_empty()).then(|| cores[index % cores.len()]),
+            generation: 0,
+            core,
             backend,
             udp,
             tcp,
@@ -368,6 +391,7 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             stats,
             fallback: config.server.io == IoBackend::Auto,
             ready: ready_tx.clone(),
+            exits: exits_tx.clone(),
         });
     }
     for (addr, actual) in small_buffers {
@@ -376,7 +400,6 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             config.server.udp_receive_buffer
         );
     }
-    drop(control_link);
     let upstream_side = UpstreamSide::spawn(
         config.forward.clone(),
         config.server.udp_payload,
@@ -388,6 +411,7 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     // Observability: /health, /ready and /metrics on `ringdns-http`, up before the workers so
     // /ready says 503 until they serve.
     let control_metrics = Arc::new(ControlMetrics::default());
+    control_metrics.set_workers(workers);
     control_metrics.connect_node(node_stats.clone());
     let health = Arc::new(Health::new(
         config.server.listen[0],
@@ -395,7 +419,11 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         control_metrics.clone(),
     ));
     let mut upstreams = upstream_side.metrics();
-    upstreams.extend(worker_upstreams.iter().cloned());
+    upstreams.extend(
+        handles
+            .iter()
+            .flat_map(|worker| worker.upstreams.iter().cloned()),
+    );
     let sources = Arc::new(RwLock::new(Sources {
         workers: all_stats.clone(),
         upstreams,
@@ -403,9 +431,8 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     }));
     let http = HttpServer::spawn(http_listeners.listeners, health.clone(), sources.clone())
         .context("starting ringdns-http")?;
-    let mut handles = Vec::with_capacity(workers);
-    for setup in setups {
-        handles.push(worker::spawn(setup).context("starting a worker thread")?);
+    for (setup, worker) in setups.into_iter().zip(&mut handles) {
+        worker.thread = Some(worker::spawn(setup).context("starting a worker thread")?);
     }
     drop(ready_tx);
     let in_use = wait_ready(&ready_rx, workers)?;
@@ -469,14 +496,13 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let mut live = Live {
         config,
         stamp,
-        workers: command_senders
-            .into_iter()
-            .map(|(commands, wake)| WorkerHandle { commands, wake })
-            .collect(),
+        workers: handles,
+        backend,
+        control_link,
+        exits: exits_tx,
         layout,
         epoch,
         upstream: upstream_side,
-        worker_upstreams,
         sources,
         health: health.clone(),
         control: control_metrics.clone(),
@@ -489,10 +515,10 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     }
     let waited = match early_stop {
         Some(signal) => Ok(Stop::Signal(signal)),
-        None => wait_for_stop(&signals, &mut handed_over, &mut live),
+        None => wait_for_stop(&signals, &mut handed_over, &exits, &mut live),
     };
     let Live {
-        workers: command_senders,
+        workers: mut worker_handles,
         upstream: upstream_side,
         node: node_sync,
         listening,
@@ -512,8 +538,7 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
                 signals: &signals,
                 health: &health,
                 http,
-                workers: command_senders,
-                handles,
+                workers: worker_handles,
                 upstream: upstream_side,
                 node: node_sync,
                 listening,
@@ -526,7 +551,7 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         // so stop receiving and drain as in a hand-over, and leave the node setup alone.
         log::info!("stopping signal={signal:?} after giving the sockets away; draining {drain:?}");
         health.enter_lame_duck();
-        release(&command_senders, drain);
+        release(&worker_handles, drain);
     } else {
         // Lame duck: /health turns 503 at once so probes and load balancers move away, while
         // the workers keep answering for `[health] lameduck`; then they drain and stop.
@@ -539,7 +564,7 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         }
         log::info!("stopping signal={signal:?}");
     }
-    stop_workers(&command_senders, handles);
+    stop_workers(&mut worker_handles);
     upstream_side.stop();
     // Node integration: rules first, then the interface; only what ringdns created. Not when
     // another instance serves on them: a successor that took the sockets, or the predecessor
@@ -586,13 +611,12 @@ fn release(workers: &[WorkerHandle], drain: Duration) {
 }
 
 /// Tells every worker to stop and joins their threads.
-fn stop_workers(workers: &[WorkerHandle], handles: Vec<std::thread::JoinHandle<()>>) {
-    for worker in workers {
-        let _ = worker.commands.send(Command::Stop);
-        let _ = worker.wake.write(1);
+fn stop_workers(workers: &mut [WorkerHandle]) {
+    for worker in workers.iter() {
+        worker.stop();
     }
-    for handle in handles {
-        if handle.join().is_err() {
+    for worker in workers {
+        if !worker.join() {
             log::error!("a worker thread panicked");
         }
     }

@@ -21,18 +21,17 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Instant, SystemTime};
 
-use nix::sys::eventfd::EventFd;
-
 use crate::config::Config;
 use crate::health::Health;
 use crate::metrics::{ControlMetrics, Sources};
-use crate::upstream::{UpstreamMetrics, UpstreamSide};
+use crate::upstream::{ControlLink, UpstreamMetrics, UpstreamSide};
 use crate::worker::stats::{Layout, WorkerStats, Zones};
 use crate::worker::upstream::ForwardSetup;
-use crate::worker::{sockets, Command, Reload};
+use crate::worker::{sockets, Backend, Command, Exit, Reload};
 
 use super::handover::Listening;
 use super::node::NodeSync;
+use super::supervise::WorkerHandle;
 
 /// How the config file looked when last read: a change of any part triggers a reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,15 +56,6 @@ impl FileStamp {
     }
 }
 
-/// One worker as the reload side sees it.
-#[derive(Debug)]
-pub(crate) struct WorkerHandle {
-    /// Its command channel.
-    pub(crate) commands: crossbeam_channel::Sender<Command>,
-    /// Its eventfd, written after a command.
-    pub(crate) wake: Arc<EventFd>,
-}
-
 /// Everything a reload changes, owned by the control side's signal loop.
 #[derive(Debug)]
 pub(crate) struct Live {
@@ -75,14 +65,18 @@ pub(crate) struct Live {
     pub(crate) stamp: Option<FileStamp>,
     /// The workers, by index.
     pub(crate) workers: Vec<WorkerHandle>,
+    /// The I/O backend chosen at start-up (a restarted worker is set up for it).
+    pub(crate) backend: Backend,
+    /// The upstream side's request channel, for restarted workers.
+    pub(crate) control_link: ControlLink,
+    /// Where worker threads say that they ended (supervise.rs).
+    pub(crate) exits: crossbeam_channel::Sender<Exit>,
     /// The metrics layout the workers count by now.
     pub(crate) layout: Arc<Layout>,
     /// Start of the process (heartbeats are measured from it).
     pub(crate) epoch: Instant,
     /// The forwarding side.
     pub(crate) upstream: UpstreamSide,
-    /// Every worker's own series of the upstreams it queries over UDP itself.
-    pub(crate) worker_upstreams: Vec<Arc<UpstreamMetrics>>,
     /// What `/metrics` reads.
     pub(crate) sources: Arc<RwLock<Sources>>,
     /// Heartbeats `/health` reads.
@@ -122,6 +116,13 @@ enum ApplyError {
 type NewSockets = Vec<Vec<(u16, UdpSocket, TcpListener)>>;
 
 impl Live {
+    /// Every worker's own series of the upstreams it queries over UDP itself.
+    pub(crate) fn worker_upstreams(&self) -> impl Iterator<Item = Arc<UpstreamMetrics>> + '_ {
+        self.workers
+            .iter()
+            .flat_map(|worker| worker.upstreams.iter().cloned())
+    }
+
     /// Reloads if the config file changed since it was last read (polled by the signal loop).
     pub(crate) fn poll_file(&mut self) {
         let Some(path) = self.config.source.clone() else {
@@ -236,9 +237,13 @@ impl Live {
             for &index in &remove {
                 listening.remove(index);
             }
-            for (index, udp, tcp) in bound.iter().flatten() {
-                if let Err(error) = listening.add_listen(*index, udp, tcp) {
-                    log::warn!("reload: a new socket cannot be offered for hand-over: {error}");
+            for (worker, sockets_of) in bound.iter().enumerate() {
+                for (index, udp, tcp) in sockets_of {
+                    if let Err(error) = listening.add_listen(worker, *index, udp, tcp) {
+                        log::warn!(
+                            "reload: a new socket cannot be offered for hand-over or kept for a restart: {error}"
+                        );
+                    }
                 }
             }
         }
@@ -287,13 +292,10 @@ impl Live {
         {
             changes.push("tcp_limits".to_owned());
         }
-        if forward_changed {
-            self.worker_upstreams.clear();
-        }
-        for (index, (worker, add)) in self.workers.iter().zip(bound).enumerate() {
+        for (index, (worker, add)) in self.workers.iter_mut().zip(bound).enumerate() {
             let forward = forward_changed.then(|| {
                 let setup = ForwardSetup::new(new.forward.clone(), new.server.udp_payload);
-                self.worker_upstreams.extend(setup.metrics.iter().cloned());
+                worker.upstreams.clone_from(&setup.metrics);
                 setup
             });
             let reload = Reload {
@@ -314,9 +316,7 @@ impl Live {
                 sources.workers = stats.clone();
             }
             sources.upstreams = self.upstream.metrics();
-            sources
-                .upstreams
-                .extend(self.worker_upstreams.iter().cloned());
+            sources.upstreams.extend(self.worker_upstreams());
         }
         if let Some(stats) = stats {
             self.health.set_workers(stats);

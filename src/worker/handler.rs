@@ -19,6 +19,9 @@ use super::stats::{CacheType, Counter, Labels, Plugin, Proto, WorkerStats};
 /// Largest DNS message over TCP (RFC 1035 §4.2.2: 16-bit length prefix).
 pub const TCP_MESSAGE_MAX: usize = 65535;
 
+/// Miss tokens of one start of a worker: 2^40 of them (a restart begins the next range).
+const GENERATION_SHIFT: u32 = 40;
+
 /// What the worker does with one received query.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -120,6 +123,8 @@ impl Handler {
             Ok(query) => query,
             Err(rejection) => return self.reject(bytes, rejection, out),
         };
+        #[cfg(debug_assertions)]
+        super::fault::check(query.qname);
         let limit = limit.unwrap_or_else(|| query.udp_limit(udp_payload));
         let id_server = query.is_id_server();
         let zones = self.stats.layout().zones();
@@ -294,6 +299,13 @@ impl Handler {
     /// Cached entries (success, denial).
     pub fn cache_len(&self) -> (usize, usize) {
         self.shard.len()
+    }
+
+    /// Starts the miss tokens of the `generation`-th start of this worker (0: the first)
+    /// apart from every earlier start's, so a reply meant for a worker that died is ignored.
+    pub fn set_generation(&mut self, generation: u32) {
+        self.pending
+            .start_tokens_at((u64::from(generation) << GENERATION_SHIFT) | 1);
     }
 
     /// Applies new settings (reload): cache limits change in place, entries are kept.

@@ -14,6 +14,8 @@
 //! the rest go to the control side.
 
 pub mod bufs;
+#[cfg(debug_assertions)]
+pub mod fault;
 pub mod handler;
 pub mod pending;
 pub mod ring;
@@ -27,8 +29,9 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{TcpListener, UdpSocket};
+use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -117,19 +120,23 @@ pub struct Reload {
     pub remove: Vec<u16>,
 }
 
-/// Everything one worker needs, built by the control side before the thread starts.
+/// Everything one worker needs, built by the control side before the thread starts (and
+/// again for a restart in place, control/supervise.rs).
 #[derive(Debug)]
 pub struct WorkerSetup {
     /// Worker index.
     pub index: usize,
+    /// How many times this worker was started before (0: the first start).
+    pub generation: u32,
     /// CPU to pin to (`None`: not pinned).
     pub core: Option<core_affinity::CoreId>,
     /// I/O backend.
     pub backend: Backend,
-    /// One UDP socket per listen address (bound, SO_REUSEPORT).
-    pub udp: Vec<UdpSocket>,
-    /// One TCP listener per listen address.
-    pub tcp: Vec<TcpListener>,
+    /// One UDP socket per listen address (bound, SO_REUSEPORT), by socket index (`None`: an
+    /// address a reload removed).
+    pub udp: Vec<Option<UdpSocket>>,
+    /// One TCP listener per listen address, by socket index.
+    pub tcp: Vec<Option<TcpListener>>,
     /// DNS settings.
     pub settings: Settings,
     /// TCP idle timeout.
@@ -152,25 +159,113 @@ pub struct WorkerSetup {
     pub fallback: bool,
     /// Told once: the backend in use once the worker serves, or why it could not start.
     pub ready: crossbeam_channel::Sender<Result<Backend, String>>,
+    /// Told when the thread ends, however it ends (the supervisor restarts a worker that
+    /// ended without being told to stop).
+    pub exits: crossbeam_channel::Sender<Exit>,
 }
 
-/// Starts the worker thread `ringdns-w{core}`.
+/// How a worker thread ended.
+#[derive(Debug)]
+pub struct Exit {
+    /// The worker's index.
+    pub index: usize,
+    /// How.
+    pub cause: ExitCause,
+}
+
+/// Why a worker thread ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitCause {
+    /// A [`Command::Stop`] arrived.
+    Stopped,
+    /// Its runtime or sockets failed (the error).
+    Failed(String),
+    /// A panic: a bug (the panic's message and location).
+    Panicked(String),
+}
+
+impl std::fmt::Display for ExitCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitCause::Stopped => f.write_str("stopped"),
+            ExitCause::Failed(error) => write!(f, "failed: {error}"),
+            ExitCause::Panicked(message) => write!(f, "panicked: {message}"),
+        }
+    }
+}
+
+/// Starts the worker thread `ringdns-w{core}`. When it ends, however it ends (a panic
+/// included), it says how on `setup.exits`.
 pub fn spawn(setup: WorkerSetup) -> io::Result<JoinHandle<()>> {
     let name = match setup.core {
         Some(core) => format!("ringdns-w{}", core.id),
         None => format!("ringdns-w{}", setup.index),
     };
+    install_panic_alarm();
     std::thread::Builder::new().name(name).spawn(move || {
         let index = setup.index;
+        let exits = setup.exits.clone();
         if let Some(core) = setup.core {
             if !core_affinity::set_for_current(core) {
                 log::warn!("worker not pinned worker={index} core={}", core.id);
             }
         }
-        if let Err(error) = run(setup) {
-            log::error!("worker failed worker={index} error={error}");
-        }
+        // Unwinding drops the worker's state (the ring drains before its buffers go); the
+        // listen sockets stay open through the control side's duplicates, so the datagrams
+        // that arrive meanwhile wait in them for the restarted worker.
+        let cause = match std::panic::catch_unwind(AssertUnwindSafe(|| run(setup))) {
+            Ok(Ok(())) => ExitCause::Stopped,
+            Ok(Err(error)) => ExitCause::Failed(error.to_string()),
+            Err(payload) => ExitCause::Panicked(
+                PANICKED
+                    .with(RefCell::take)
+                    .unwrap_or_else(|| panic_message(payload.as_ref())),
+            ),
+        };
+        let _ = exits.send(Exit { index, cause });
     })
+}
+
+thread_local! {
+    /// On a worker thread: woken by the panic hook when one of the worker's tasks panics.
+    static ALARM: RefCell<Option<Rc<tokio::sync::Notify>>> = const { RefCell::new(None) };
+    /// The message and location of this thread's last panic, as the panic hook saw it.
+    static PANICKED: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Installs (once per process) a panic hook that notes each panic on a worker thread and wakes
+/// the worker's [`serve`], then runs the previous hook (which prints the panic). tokio catches
+/// a panic inside a spawned task and lets the runtime go on; without this, a panicked receive
+/// loop would leave its socket in the SO_REUSEPORT group unread, a share of the queries lost
+/// while `/health` stays green. With it, the whole worker ends and is restarted in place.
+fn install_panic_alarm() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let _ = ALARM.try_with(|alarm| {
+                if let Some(alarm) = alarm.try_borrow().ok().as_deref().and_then(Option::as_ref) {
+                    let message = panic_message(info.payload());
+                    let noted = match info.location() {
+                        Some(at) => format!("{message} at {}:{}", at.file(), at.line()),
+                        None => message,
+                    };
+                    let _ = PANICKED.try_with(|last| last.replace(Some(noted)));
+                    alarm.notify_one();
+                }
+            });
+            previous(info);
+        }));
+    });
+}
+
+/// The text of a panic's payload (`panic!` with a message gives a `&str` or a `String`).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|message| (*message).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 /// The worker's state shared by its tasks (all on this one thread: `Rc<RefCell<_>>`, never
@@ -420,6 +515,7 @@ fn run(setup: WorkerSetup) -> io::Result<()> {
 async fn serve(setup: WorkerSetup) -> io::Result<()> {
     let WorkerSetup {
         index,
+        generation,
         backend,
         udp,
         tcp,
@@ -455,7 +551,7 @@ async fn serve(setup: WorkerSetup) -> io::Result<()> {
     };
     let listeners = match tcp
         .into_iter()
-        .map(tokio::net::TcpListener::from_std)
+        .map(|listener| listener.map(tokio::net::TcpListener::from_std).transpose())
         .collect::<io::Result<Vec<_>>>()
     {
         Ok(listeners) => listeners,
@@ -465,8 +561,10 @@ async fn serve(setup: WorkerSetup) -> io::Result<()> {
         }
     };
     let timer = Rc::new(tokio::sync::Notify::new());
+    let mut handler = Handler::new(index, settings, stats.clone());
+    handler.set_generation(generation);
     let shared = Rc::new(RefCell::new(Shared {
-        handler: Handler::new(index, settings, stats.clone()),
+        handler,
         udp,
         tcp: HashMap::new(),
         next_conn: 0,
@@ -505,12 +603,24 @@ async fn serve(setup: WorkerSetup) -> io::Result<()> {
     for (socket_index, listener) in listeners.into_iter().enumerate() {
         let socket_index =
             u16::try_from(socket_index).expect("listen addresses are far fewer than 65536");
-        spawn_accept_loop(&shared, listener, socket_index);
+        if let Some(listener) = listener {
+            spawn_accept_loop(&shared, listener, socket_index);
+        }
     }
     tokio::task::spawn_local(tick(shared.clone()));
+    let alarm = Rc::new(tokio::sync::Notify::new());
+    ALARM.with(|slot| slot.replace(Some(alarm.clone())));
     let control = control_loop(shared, wake, replies, commands, index);
     let _ = ready.send(Ok(in_use));
-    control.await
+    tokio::select! {
+        stopped = control => stopped,
+        () = alarm.notified() => {
+            // A task panicked (tokio caught it): end the whole worker, so that it is restarted
+            // with fresh state instead of running on without that task.
+            let message = PANICKED.with(RefCell::take).unwrap_or_default();
+            std::panic::resume_unwind(Box::new(message))
+        }
+    }
 }
 
 /// Spawns the epoll receive loop of socket `index` and keeps its abort handle.
@@ -643,7 +753,7 @@ fn open_udp(
     index: usize,
     backend: Backend,
     fallback: bool,
-    sockets: Vec<UdpSocket>,
+    sockets: Vec<Option<UdpSocket>>,
     slot_len: usize,
 ) -> io::Result<Udp> {
     if backend == Backend::Epoll {
@@ -652,7 +762,7 @@ fn open_udp(
     let spares = if fallback {
         sockets
             .iter()
-            .map(UdpSocket::try_clone)
+            .map(|socket| socket.as_ref().map(UdpSocket::try_clone).transpose())
             .collect::<io::Result<Vec<_>>>()?
     } else {
         Vec::new()

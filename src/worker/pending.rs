@@ -148,6 +148,12 @@ impl Pending {
         }
     }
 
+    /// Hands out tokens from `first` on (a worker restarted in place starts past its
+    /// predecessor's, so a late reply to a dead worker's miss never matches a new one).
+    pub fn start_tokens_at(&mut self, first: u64) {
+        self.next_token = first.max(1);
+    }
+
     /// Adds `waiter` for `key`, coalescing with an identical miss in flight.
     pub fn join(&mut self, key: &[u8], waiter: Waiter, deadline: Instant) -> Joined {
         let hash = self.hasher.hash_one(key);

@@ -143,7 +143,7 @@ impl std::fmt::Debug for RingUdp {
 impl RingUdp {
     /// Sets up the ring for `sockets`, registers the buffer ring and the eventfd, and arms a
     /// multishot receive on every socket. Replies are at most `slot_len` bytes.
-    pub fn new(sockets: Vec<UdpSocket>, slot_len: usize) -> io::Result<RingUdp> {
+    pub fn new(sockets: Vec<Option<UdpSocket>>, slot_len: usize) -> io::Result<RingUdp> {
         let ring: IoUring = IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
@@ -172,7 +172,6 @@ impl RingUdp {
         recv_msghdr.msg_namelen = ADDR_LEN as libc::socklen_t;
         let armed = vec![false; sockets.len()];
         let generations = vec![0; sockets.len()];
-        let sockets = sockets.into_iter().map(Some).collect();
         let min_wait = ring.params().is_feature_min_timeout();
         let mut udp = RingUdp {
             ring,

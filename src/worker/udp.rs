@@ -32,10 +32,14 @@ pub struct EpollUdp {
 
 impl EpollUdp {
     /// Wraps the worker's bound sockets; must run inside the worker's runtime.
-    pub fn new(sockets: Vec<std::net::UdpSocket>) -> io::Result<EpollUdp> {
+    pub fn new(sockets: Vec<Option<std::net::UdpSocket>>) -> io::Result<EpollUdp> {
         let sockets = sockets
             .into_iter()
-            .map(|socket| UdpSocket::from_std(socket).map(|udp| Some(Rc::new(udp))))
+            .map(|socket| {
+                socket
+                    .map(|socket| UdpSocket::from_std(socket).map(Rc::new))
+                    .transpose()
+            })
             .collect::<io::Result<_>>()?;
         Ok(EpollUdp { sockets })
     }

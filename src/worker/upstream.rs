@@ -79,6 +79,30 @@ impl ForwardSetup {
             metrics,
         }
     }
+
+    /// A setup for `zones` that counts on in `metrics` (a worker restarted in place, so its
+    /// series go on rather than restart); fresh series if they do not match the zones'
+    /// upstreams.
+    pub fn continuing(
+        zones: Vec<ForwardZone>,
+        udp_payload: u16,
+        metrics: Vec<Arc<UpstreamMetrics>>,
+    ) -> ForwardSetup {
+        let addrs = upstream_addrs(&zones);
+        let matches = addrs.len() == metrics.len()
+            && addrs
+                .iter()
+                .zip(&metrics)
+                .all(|(addr, series)| *addr == series.addr());
+        if !matches {
+            return ForwardSetup::new(zones, udp_payload);
+        }
+        ForwardSetup {
+            zones,
+            udp_payload,
+            metrics,
+        }
+    }
 }
 
 /// The socket operations the exchanges need; the ring implements them on io_uring.

@@ -25,3 +25,4 @@ mod node;
 mod observability;
 mod reload;
 mod selftest;
+mod supervise;

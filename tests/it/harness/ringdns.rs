@@ -79,6 +79,8 @@ pub struct TestConfig {
     pub metrics_listen: Option<String>,
     /// `[node]` keys to set (key, TOML value text), e.g. `("setup_interface", "true")`.
     pub node: Vec<(String, String)>,
+    /// Environment variables for the process (not part of the config file).
+    pub env: Vec<(String, String)>,
 }
 
 impl TestConfig {
@@ -100,7 +102,14 @@ impl TestConfig {
             health_listen: None,
             metrics_listen: None,
             node: Vec::new(),
+            env: Vec::new(),
         }
+    }
+
+    /// Sets an environment variable for the process.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
     }
 
     /// Sets a `[node]` key to a TOML value text (`"true"`, `"\"1s\""`).
@@ -310,6 +319,7 @@ impl Ringdns {
             .arg("run")
             .arg("--config")
             .arg(&path)
+            .envs(config.env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
