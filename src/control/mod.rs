@@ -517,6 +517,25 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         Some(signal) => Ok(Stop::Signal(signal)),
         None => wait_for_stop(&signals, &mut handed_over, &exits, &mut live),
     };
+    let stop = waited?;
+    let given = offer.as_ref().map(Offer::given);
+    let successor = offer.as_ref().and_then(Offer::successor);
+    drop(offer);
+    let handed_over = given.as_ref().is_some_and(|given| given.any());
+    if let Stop::Signal(signal) = stop {
+        if !handed_over {
+            // Lame duck: /health turns 503 at once so probes and load balancers move away,
+            // while the workers keep answering (and a worker that dies meanwhile is restarted)
+            // for `[health] lameduck`; then they drain and stop.
+            health.enter_lame_duck();
+            if signal == Signal::SIGTERM && !lameduck.is_zero() {
+                log::info!(
+                    "lame duck signal={signal:?} lameduck={lameduck:?}: /health is 503, still serving"
+                );
+                live.supervise_for(&exits, lameduck);
+            }
+        }
+    }
     let Live {
         workers: mut worker_handles,
         upstream: upstream_side,
@@ -524,11 +543,6 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         listening,
         ..
     } = live;
-    let stop = waited?;
-    let given = offer.as_ref().map(Offer::given);
-    let successor = offer.as_ref().and_then(Offer::successor);
-    drop(offer);
-    let handed_over = given.as_ref().is_some_and(|given| given.any());
     let signal = match stop {
         Stop::Signal(signal) => signal,
         Stop::HandedOver { pid } => {
@@ -548,20 +562,12 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     };
     if handed_over {
         // Stopped while (or just after) giving the sockets away: the taker may serve from them,
-        // so stop receiving and drain as in a hand-over, and leave the node setup alone.
+        // so stop receiving and drain as in a hand-over, and leave the node setup alone. No
+        // restarts now: a restarted worker would receive again.
         log::info!("stopping signal={signal:?} after giving the sockets away; draining {drain:?}");
         health.enter_lame_duck();
         release(&worker_handles, drain);
     } else {
-        // Lame duck: /health turns 503 at once so probes and load balancers move away, while
-        // the workers keep answering for `[health] lameduck`; then they drain and stop.
-        health.enter_lame_duck();
-        if signal == Signal::SIGTERM && !lameduck.is_zero() {
-            log::info!(
-                "lame duck signal={signal:?} lameduck={lameduck:?}: /health is 503, still serving"
-            );
-            std::thread::sleep(lameduck);
-        }
         log::info!("stopping signal={signal:?}");
     }
     stop_workers(&mut worker_handles);

@@ -259,6 +259,9 @@ impl Live {
                 Err(error) => {
                     log::error!("reload: forward zones not applied: {error}");
                     forward_changed = false;
+                    // The configuration kept says what runs (a worker restarted in place is
+                    // set up from it), and the next reload tries the new zones again.
+                    new.forward = old.forward.clone();
                 }
             }
         }

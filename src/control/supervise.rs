@@ -106,6 +106,36 @@ impl Live {
         self.restart_due(now);
     }
 
+    /// Goes on supervising for `period` (the lame duck, when the workers still serve): a
+    /// worker that ends meanwhile is restarted as while serving.
+    pub(crate) fn supervise_for(
+        &mut self,
+        exits: &crossbeam_channel::Receiver<Exit>,
+        period: Duration,
+    ) {
+        let deadline = Instant::now() + period;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            let until = self
+                .next_restart()
+                .map_or(deadline, |due| due.min(deadline));
+            match exits.recv_timeout(until.saturating_duration_since(now)) {
+                Ok(exit) => self.worker_exited(exit),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    self.restart_due(Instant::now());
+                }
+                // `self.exits` keeps the channel open; sleep out the period all the same.
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(deadline.saturating_duration_since(now));
+                    return;
+                }
+            }
+        }
+    }
+
     /// When the next delayed restart is due, if one is.
     pub(crate) fn next_restart(&self) -> Option<Instant> {
         self.workers.iter().filter_map(|worker| worker.due).min()
@@ -194,7 +224,10 @@ impl Live {
                 worker.starts
             ),
             Ok(Err(reason)) => log::error!("worker={index} restart failed: {reason}"),
-            Err(_) => log::error!(
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                log::error!("worker={index} ended again before it served");
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => log::error!(
                 "worker={index} restarted but did not report serving within {WORKER_START_TIMEOUT:?}"
             ),
         }

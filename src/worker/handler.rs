@@ -85,6 +85,8 @@ pub struct Handler {
 impl Handler {
     /// A handler for worker `worker`.
     pub fn new(worker: usize, settings: Settings, stats: Arc<WorkerStats>) -> Handler {
+        // A worker restarted in place counts on in its predecessor's series: its cache is empty.
+        stats.set_cache_entries((0, 0));
         Handler {
             worker,
             settings,

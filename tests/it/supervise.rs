@@ -18,7 +18,10 @@ use crate::harness::http::{http_get, scrape};
 use crate::harness::ringdns::{Io, Ringdns, TestConfig};
 use crate::harness::{backend_tests, enter_netns, wait_for, zones, Stack};
 
-backend_tests!(a_panicked_worker_is_restarted_in_place);
+backend_tests!(
+    a_panicked_worker_is_restarted_in_place,
+    a_worker_is_restarted_during_the_lame_duck,
+);
 
 /// The query name that makes a worker panic.
 const CRASH: &str = "crash.fault.test.";
@@ -70,6 +73,23 @@ fn crash(server: SocketAddr) -> anyhow::Result<()> {
     let answer = client::udp_exchange(server, &packet, Duration::from_secs(1))?;
     assert!(answer.is_none(), "the crash query was answered: {answer:?}");
     Ok(())
+}
+
+/// Panics logged so far.
+fn panics(dns: &Ringdns) -> usize {
+    dns.stderr()
+        .lines()
+        .filter(|line| line.contains("ERROR") && line.contains("panicked: fault injection"))
+        .count()
+}
+
+/// `coredns_cache_entries` summed over its types.
+fn cache_entries(dns: &Ringdns) -> anyhow::Result<f64> {
+    Ok(scrape(dns.metrics()?)?
+        .iter()
+        .filter(|(series, _)| series.starts_with("coredns_cache_entries{"))
+        .map(|(_, value)| value)
+        .sum())
 }
 
 /// Sum of `ringdns_worker_restarts_total` over the workers.
@@ -147,13 +167,66 @@ fn a_panicked_worker_is_restarted_in_place(io: Io) -> anyhow::Result<()> {
     assert_eq!(answer.rdata_of("A"), vec![zones::NGINX_V4.to_string()]);
     assert_healthy(dns, "after a restart")?;
 
-    // A crash loop: the same query again and again, as a client retrying it would send it.
-    for _ in 0..3 {
-        crash(server)?;
+    // A crash loop: one client sending the same query again and again reaches one worker
+    // (same address and port, same SO_REUSEPORT member), which is started at most once a
+    // second. Each copy is sent once the previous one has killed the worker: the first copy
+    // brings a restart at once, the second one, right after it, waits out the back-off.
+    let entries = cache_entries(dns)?;
+    let socket = client::udp_socket(server)?;
+    for (copy, restarted) in [(0u16, 2.0), (1, 2.0), (2, 3.0)] {
+        let deaths = panics(dns);
+        socket
+            .send_to(&Query::new(CRASH, Rtype::A).id(copy).to_wire(), server)
+            .context("sending the crash query")?;
+        wait_for(
+            "the crash query killed its worker",
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || Ok((panics(dns) > deaths).then_some(())),
+        )?;
+        if copy == 1 {
+            // Died less than a second after its start: no restart for a while.
+            std::thread::sleep(Duration::from_millis(300));
+            let early = restarts(dns)?;
+            assert_eq!(
+                early, 2.0,
+                "restarted within 300 ms of dying again: no back-off"
+            );
+        }
+        wait_for_restarts(dns, restarted)?;
     }
+    // The dead worker's cache went with it (about half of the entries).
+    let left = cache_entries(dns)?;
+    assert!(
+        left < entries,
+        "cache entries {entries} before, {left} after a restart"
+    );
     wait_for_restarts(dns, 4.0)?;
     assert_eq!(restarts(dns)?, 4.0);
     assert_all_answered(server, 2 * ROUND, "after a crash loop")?;
     assert_healthy(dns, "after a crash loop")?;
     Ok(())
+}
+
+/// A worker that panics during the lame duck after SIGTERM (when ringdns still answers) is
+/// restarted too, so every query is still answered until the workers stop.
+fn a_worker_is_restarted_during_the_lame_duck(io: Io) -> anyhow::Result<()> {
+    let _ns = enter_netns!(&format!("a_worker_is_restarted_during_the_lame_duck/{io}"));
+    let config = TestConfig::for_tests(io)
+        .env("RINGDNS_FAULT_PANIC_QNAME", CRASH)
+        .lameduck("8s");
+    let mut stack = Stack::start(config)?;
+    let server = stack.dns.udp();
+    assert_all_answered(server, 0, "before SIGTERM")?;
+    stack.dns.sigterm()?;
+    wait_for(
+        "/health 503 (lame duck)",
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || Ok((http_get(stack.dns.health()?, "/health")?.status == 503).then_some(())),
+    )?;
+    crash(server)?;
+    wait_for_restarts(&stack.dns, 1.0)?;
+    assert_all_answered(server, ROUND, "in the lame duck after a restart")?;
+    stack.dns.stop()
 }
