@@ -219,6 +219,10 @@ pub enum BadAnswer {
     OptNotLast,
     /// Longer than 65535 bytes.
     TooLong,
+    /// A compression pointer reaches into bytes a hit rewrites (the header, a TTL, the OPT
+    /// record) or past the end, so the records would read differently when replayed; no real
+    /// server writes such pointers, a lying one might.
+    Unfaithful,
 }
 
 impl Answer {
@@ -329,6 +333,9 @@ impl Answer {
             out.truncate(at);
         }
         Header::for_message_slice_mut(&mut out).set_id(0);
+        if !replays_faithfully(&out, &ttl_offsets) {
+            return Err(BadAnswer::Unfaithful);
+        }
         // TC answers and extended rcodes (BADVERS, BADCOOKIE ...) are passed on, never cached.
         let kind = if header.tc() || rcode_upper != 0 {
             Kind::Other
@@ -428,6 +435,78 @@ impl Answer {
             None => len,
         }
     }
+}
+
+/// Whether every record of `message` (an answer as stored: ID 0, no OPT, TTLs at
+/// `ttl_offsets`) reads the same in every reply a hit writes from it, which rewrites the ID,
+/// the flags, every TTL and ARCOUNT and appends an OPT record. A compression pointer may reach
+/// anywhere in a message, so a lying upstream could point a name at those bytes: replayed,
+/// the name would change or break, and ringdns would send malformed answers.
+///
+/// Cheap when no pointer-shaped byte pair (`0b11……`) targets such bytes, which is every real
+/// answer (their pointers reach the question and earlier names); otherwise the records are
+/// compared with those of a copy rewritten as a hit would, with every rewritten bit flipped.
+fn replays_faithfully(message: &[u8], ttl_offsets: &[u16]) -> bool {
+    // `ttl_offsets` ascend (records are walked in order): the TTL field at or before `target`.
+    let rewritten = |target: usize| {
+        let before = ttl_offsets.partition_point(|&at| usize::from(at) <= target);
+        target < HEADER_LEN
+            || target >= message.len()
+            || before
+                .checked_sub(1)
+                .is_some_and(|index| target < usize::from(ttl_offsets[index]) + 4)
+    };
+    let suspect = message.windows(2).skip(HEADER_LEN).any(|pair| {
+        pair[0] >= 0xc0 && rewritten((usize::from(pair[0] & 0x3f) << 8) | usize::from(pair[1]))
+    });
+    if !suspect {
+        return true;
+    }
+    let mut replay = message.to_vec();
+    for byte in &mut replay[..4] {
+        *byte ^= 0xff;
+    }
+    for &at in ttl_offsets {
+        for byte in replay.iter_mut().skip(usize::from(at)).take(4) {
+            *byte ^= 0xff;
+        }
+    }
+    let len = replay.len();
+    replay.resize(len + OPT_LEN, 0);
+    if write_opt(&mut replay, len, 512, 0, false) == 0 {
+        return false;
+    }
+    same_records(message, &replay)
+}
+
+/// Whether `replay` holds the records of `stored` (owner, class, type, data; not TTL) plus, at
+/// most, one record more at the end (the OPT appended).
+fn same_records(stored: &[u8], replay: &[u8]) -> bool {
+    let (Ok(stored), Ok(replay)) = (Message::from_slice(stored), Message::from_slice(replay))
+    else {
+        return false;
+    };
+    match (all_records(stored), all_records(replay)) {
+        (Some(stored), Some(replay)) => {
+            replay.len() == stored.len() + 1 && stored.iter().zip(&replay).all(|(a, b)| a == b)
+        }
+        _ => false,
+    }
+}
+
+/// A parsed record, data included.
+type AnyRecord<'a> =
+    domain::base::Record<ParsedName<&'a [u8]>, AllRecordData<&'a [u8], ParsedName<&'a [u8]>>>;
+
+/// Every record of `message` after the question, data parsed; `None` if one does not parse.
+fn all_records(message: &Message<[u8]>) -> Option<Vec<AnyRecord<'_>>> {
+    let mut all = Vec::new();
+    for section in [message.answer(), message.authority(), message.additional()] {
+        for record in section.ok()? {
+            all.push(record.ok()?.into_any_record().ok()?);
+        }
+    }
+    Some(all)
 }
 
 /// Appends an OPT record at `at` and bumps ARCOUNT; returns its length (0 if it does not fit).

@@ -485,3 +485,43 @@ fn mutated_packets_never_panic() {
         }
     }
 }
+
+/// A compression pointer that reaches bytes a hit rewrites (ID, a TTL, ARCOUNT, the stripped
+/// OPT) would make the replayed records differ from the validated ones: refused. Found by the
+/// `upstream_answer` fuzz target (a pointer to the ID's low byte, 0 when cached, the client's
+/// ID when replayed).
+#[test]
+fn pointers_into_rewritten_bytes_are_refused() {
+    let q = query("svc.cluster.local", 1, None);
+    let key = key_of(&q);
+    // Two A records, the ID 0 as the control side passes answers on; record 2's owner at 51.
+    let mut base = answer(&q, 0, &[30, 30], None);
+    base[..2].fill(0);
+    let second_owner = 51;
+    assert_eq!(&base[second_owner..second_owner + 2], &[0xc0, 0x0c]);
+    let first_ttl = 41;
+    let opt_at = base.len() - OPT_LEN;
+    let mut no_opt = base[..opt_at].to_vec();
+    no_opt[11] = 0;
+    // domain refuses the forward pointer (to the OPT record) itself.
+    for (what, mut bytes, target, refusal) in [
+        ("the ID", base.clone(), 0, BadAnswer::Unfaithful),
+        ("a TTL", base.clone(), first_ttl, BadAnswer::Unfaithful),
+        ("ARCOUNT", no_opt.clone(), 11, BadAnswer::Unfaithful),
+        ("the OPT record", base.clone(), opt_at, BadAnswer::Malformed),
+    ] {
+        bytes[second_owner] = 0xc0 | (target >> 8) as u8;
+        bytes[second_owner + 1] = target as u8;
+        assert_eq!(
+            Answer::from_upstream(&bytes, &key),
+            Err(refusal),
+            "a pointer into {what}"
+        );
+    }
+    // Pointer-shaped bytes in record data (192.0.0.5) are no pointers: the answer is kept.
+    let mut legit = base.clone();
+    legit[47..51].copy_from_slice(&[192, 0, 0, 5]);
+    let prepared = Answer::from_upstream(&legit, &key).expect("a real answer");
+    assert_eq!(prepared.kind(), Kind::Success);
+    assert!(Answer::from_upstream(&no_opt, &key).is_ok());
+}
