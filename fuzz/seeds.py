@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Writes the seed corpus of the fuzz targets (fuzz/corpus/<target>/): real-shaped DNS
+queries for `query`, and for `upstream_answer` a question selector byte (see
+fuzz/checks.rs QUESTIONS) followed by an upstream answer. Run from anywhere:
+python3 fuzz/seeds.py (it rewrites the corpus; cargo fuzz adds its own finds beside them)."""
+import os
+import struct
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+A, NS, CNAME, SOA, PTR, TXT, AAAA, SRV, OPT, ANY = 1, 2, 5, 6, 12, 16, 28, 33, 41, 255
+QUESTIONS = [  # must match fuzz/checks.rs QUESTIONS
+    ("svc-1.default.svc.cluster.local", A),
+    ("svc-1.default.svc.cluster.local", AAAA),
+    ("_http._tcp.svc-1.default.svc.cluster.local", SRV),
+    ("10.0.96.10.in-addr.arpa", PTR),
+]
+
+
+def name(dotted):
+    out = b""
+    for label in [l for l in dotted.split(".") if l]:
+        out += bytes([len(label)]) + label.encode()
+    return out + b"\0"
+
+
+def header(ident=0x1234, flags=0x0100, qd=1, an=0, ns=0, ar=0):
+    return struct.pack(">HHHHHH", ident, flags, qd, an, ns, ar)
+
+
+def question(dotted, qtype, qclass=1):
+    return name(dotted) + struct.pack(">HH", qtype, qclass)
+
+
+def opt(payload=1232, ext_rcode=0, version=0, do=False, options=b""):
+    flags = 0x8000 if do else 0
+    return b"\0" + struct.pack(">HHBBHH", OPT, payload, ext_rcode, version, flags, len(options)) + options
+
+
+def option(code, data):
+    return struct.pack(">HH", code, len(data)) + data
+
+
+def rr(owner, rtype, ttl, rdata, rclass=1):
+    return owner + struct.pack(">HHIH", rtype, rclass, ttl, len(rdata)) + rdata
+
+
+PTR0 = b"\xc0\x0c"  # the question's name
+
+
+def queries():
+    svc = "svc-1.default.svc.cluster.local"
+    return {
+        "a-edns": header(ar=1) + question(svc, A) + opt(),
+        "a-plain": header() + question(svc, A),
+        "aaaa-do": header(ar=1) + question("svc-2.default.svc.cluster.local", AAAA) + opt(do=True),
+        "mixed-case": header(ar=1) + question("SvC-1.Default.SVC.cluster.LOCAL", A) + opt(4096),
+        "srv": header() + question("_http._tcp.svc-1.default.svc.cluster.local", SRV),
+        "ptr": header() + question("10.0.96.10.in-addr.arpa", PTR),
+        "cookie": header(ar=1) + question(svc, A) + opt(options=option(10, bytes(range(8)))),
+        "ecs": header(ar=1) + question(svc, A) + opt(options=option(8, b"\x00\x01\x18\x00\x0a\x00\x00")),
+        "edns-v1": header(ar=1) + question(svc, A) + opt(version=1),
+        "payload-512": header(ar=1) + question(svc, A) + opt(payload=512),
+        "notify": header(flags=0x2000) + question(svc, SOA),
+        "response": header(flags=0x8180) + question(svc, A),
+        "two-questions": header(qd=2) + question(svc, A) + question(svc, AAAA),
+        "no-question": header(qd=0),
+        "compressed-qname": header() + b"\x05svc-1\xc0\x12" + b"\x07default\x00" + struct.pack(">HH", A, 1),
+        "short-header": header()[:5],
+        "any": header() + question(svc, ANY),
+        "id-server": header() + question("id.server", TXT, 3),
+        "with-answer": header(an=1) + question(svc, A) + rr(PTR0, A, 30, b"\x0a\x00\x00\x01"),
+        "long-name": header() + question(".".join(["a" * 63] * 3 + ["b" * 61]), A),
+        "two-opts": header(ar=2) + question(svc, A) + opt() + opt(),
+        "cd-bit": header(flags=0x0110, ar=1) + question(svc, A) + opt(),
+        "empty": b"",
+    }
+
+
+def answers():
+    out = {}
+    for index, (qname, qtype) in enumerate(QUESTIONS):
+        ask = question(qname, qtype)
+        # A NOERROR answer of the right type.
+        if qtype == A:
+            records = [rr(PTR0, A, 30, bytes([10, 100, 0, n])) for n in (1, 2)]
+        elif qtype == AAAA:
+            records = [rr(PTR0, AAAA, 30, bytes(15) + b"\x01")]
+        elif qtype == SRV:
+            records = [rr(PTR0, SRV, 30, struct.pack(">HHH", 0, 100, 80) + b"\x05svc-1\xc0\x1b")]
+        else:
+            records = [rr(PTR0, PTR, 30, name("kube-dns.kube-system.svc.cluster.local"))]
+        out[f"{index}-noerror"] = bytes([index]) + header(0, 0x8180, 1, len(records)) + ask + b"".join(records)
+        out[f"{index}-noerror-opt"] = (
+            bytes([index | 0x80]) + header(0, 0x8180, 1, len(records), 0, 1) + ask + b"".join(records) + opt()
+        )
+    svc = QUESTIONS[0][0]
+    ask = question(svc, A)
+    soa = rr(b"\xc0\x12", SOA, 30, name("ns.dns.cluster.local") + name("hostmaster.cluster.local")
+             + struct.pack(">IIIII", 1, 7200, 1800, 86400, 5))
+    out["0-nxdomain"] = b"\0" + header(0, 0x8183, 1, 0, 1) + ask + soa
+    out["1-nodata"] = b"\1" + header(0, 0x8180, 1, 0, 1) + question(svc, AAAA) + soa
+    chain = (rr(PTR0, CNAME, 30, name("alias.default.svc.cluster.local"))
+             + rr(name("alias.default.svc.cluster.local"), A, 10, b"\x0a\x00\x00\x09"))
+    out["0-cname"] = b"\0" + header(0, 0x8180, 1, 2) + ask + chain
+    out["0-servfail"] = b"\0" + header(0, 0x8182, 1) + ask
+    out["0-refused"] = b"\0" + header(0, 0x8185, 1) + ask
+    out["0-truncated"] = b"\0" + header(0, 0x8380, 1) + ask
+    out["0-ext-rcode"] = b"\x80" + header(0, 0x8180, 1, 0, 0, 1) + ask + opt(ext_rcode=1)
+    out["0-opt-not-last"] = (b"\0" + header(0, 0x8180, 1, 1, 0, 2) + ask + rr(PTR0, A, 30, b"\x0a\0\0\1")
+                             + opt() + rr(PTR0, A, 30, b"\x0a\0\0\2"))
+    out["0-wrong-question"] = b"\0" + header(0, 0x8180, 1, 1) + question("other.test", A) + rr(PTR0, A, 30, b"\x0a\0\0\1")
+    out["0-ttl-extremes"] = (b"\0" + header(0, 0x8180, 1, 2) + ask + rr(PTR0, A, 0, b"\x0a\0\0\1")
+                             + rr(PTR0, A, 0xFFFFFFFF, b"\x0a\0\0\2"))
+    many = b"".join(rr(PTR0, A, 30, bytes([10, 1, n // 256, n % 256])) for n in range(100))
+    out["0-many-records"] = b"\0" + header(0, 0x8180, 1, 100) + ask + many
+    glue = rr(b"\xc0\x12", NS, 30, name("ns.cluster.local")) + rr(name("ns.cluster.local"), A, 30, b"\x0a\0\0\x35")
+    out["0-authority-glue"] = b"\0" + header(0, 0x8580, 1, 1, 1, 1) + ask + rr(PTR0, A, 30, b"\x0a\0\0\1") + glue
+    out["0-not-response"] = b"\0" + header(0, 0x0100, 1) + ask
+    out["0-pointer-loop"] = b"\0" + header(0, 0x8180, 1, 1) + ask + b"\xc0\x2d" + struct.pack(">HHIH", A, 1, 30, 4) + b"\x0a\0\0\1"
+    return out
+
+
+def write(target, seeds):
+    directory = os.path.join(HERE, "corpus", target)
+    os.makedirs(directory, exist_ok=True)
+    for seed, data in seeds.items():
+        with open(os.path.join(directory, seed), "wb") as file:
+            file.write(data)
+
+
+write("query", queries())
+write("upstream_answer", answers())

@@ -1,0 +1,129 @@
+//! The fuzz targets' checks (fuzz/checks.rs) on the stable toolchain, in the test suite: every
+//! seed of `fuzz/corpus/<target>/`, then a fixed number of deterministic mutations of them
+//! (bit flips, byte changes, cuts, insertions, splices of two seeds), the same each run. The
+//! long coverage-guided runs are `cargo fuzz run <target>` (fuzz/README.md).
+//!
+//! Runs on: the test thread; pure, no I/O beyond reading the corpus.
+
+#[path = "../fuzz/checks.rs"]
+mod checks;
+
+use std::path::{Path, PathBuf};
+
+/// Mutated inputs per target per run (a few seconds in a debug build).
+const MUTATIONS: usize = 20_000;
+
+/// The seed files of `target`, sorted by name.
+fn seeds(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|error| panic!("reading {}: {error}", dir.display()))
+        .map(|entry| entry.expect("a directory entry").path())
+        .collect();
+    paths.sort();
+    let seeds: Vec<_> = paths
+        .into_iter()
+        .map(|path| {
+            let bytes = std::fs::read(&path).expect("a seed file");
+            (path, bytes)
+        })
+        .collect();
+    assert!(seeds.len() >= 8, "{} holds too few seeds", dir.display());
+    seeds
+}
+
+/// xorshift64*: a fixed sequence, so a failure reproduces.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number in `0..bound` (`bound` > 0).
+    fn below(&mut self, bound: usize) -> usize {
+        usize::try_from(self.next() % u64::try_from(bound).expect("usize fits u64"))
+            .expect("below a usize bound")
+    }
+}
+
+/// One mutation of `input` (another seed `other` for splices).
+fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
+    let mut out = input.to_vec();
+    let rounds = 1 + rng.below(4);
+    for _ in 0..rounds {
+        match rng.below(7) {
+            0 if !out.is_empty() => {
+                let at = rng.below(out.len());
+                out[at] ^= 1 << rng.below(8);
+            }
+            1 if !out.is_empty() => {
+                let at = rng.below(out.len());
+                // Values DNS parsers trip on: 0, 0xff, compression pointer bits, lengths.
+                out[at] = [0, 0xff, 0xc0, 0x3f, 0x40, 0x80, 1, 12][rng.below(8)];
+            }
+            2 if !out.is_empty() => {
+                let at = rng.below(out.len());
+                out.truncate(at);
+            }
+            3 => {
+                let at = rng.below(out.len() + 1);
+                let byte = u8::try_from(rng.below(256)).expect("below 256");
+                out.insert(at, byte);
+            }
+            4 if !other.is_empty() => {
+                let cut = rng.below(out.len() + 1);
+                let from = rng.below(other.len());
+                out.truncate(cut);
+                out.extend_from_slice(&other[from..]);
+            }
+            5 if out.len() >= 2 => {
+                // A 16-bit field (counts, types, lengths) set to a boundary value.
+                let at = rng.below(out.len() - 1);
+                let value: u16 = [0, 1, 2, 0xffff, 0x8000, 0x00c0][rng.below(6)];
+                out[at..at + 2].copy_from_slice(&value.to_be_bytes());
+            }
+            _ => {
+                let at = rng.below(out.len() + 1);
+                let len = rng.below(8);
+                out.splice(at..at, std::iter::repeat_n(0xc0, len));
+            }
+        }
+    }
+    out
+}
+
+/// Runs `check` on every seed of `target`, then on [`MUTATIONS`] mutations of them.
+fn run(target: &str, check: fn(&[u8])) {
+    let seeds = seeds(target);
+    for (path, bytes) in &seeds {
+        let outcome = std::panic::catch_unwind(|| check(bytes));
+        assert!(outcome.is_ok(), "seed {} failed", path.display());
+    }
+    let mut rng = Rng(0x5eed_0000_0000_0001 ^ target.len() as u64);
+    for round in 0..MUTATIONS {
+        let (_, input) = &seeds[rng.below(seeds.len())];
+        let (_, other) = &seeds[rng.below(seeds.len())];
+        let input = mutate(&mut rng, input, other);
+        let outcome = std::panic::catch_unwind(|| check(&input));
+        assert!(
+            outcome.is_ok(),
+            "{target}: mutation {round} failed on input {input:02x?}"
+        );
+    }
+}
+
+#[test]
+fn queries_from_clients() {
+    run("query", checks::query);
+}
+
+#[test]
+fn answers_from_upstream() {
+    run("upstream_answer", checks::upstream_answer);
+}
