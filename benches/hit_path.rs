@@ -1,5 +1,5 @@
 //! Criterion micro-benchmarks of the pure cache-hit path: parse, key, lookup, reply, and the
-//! whole `Handler::handle_query` on a hit.
+//! whole `Handler::handle_query` on a hit; and of preparing an upstream answer (miss path).
 //!
 //! Runs on: the bench thread; no I/O, no kernel. `cargo bench --bench hit_path` (add
 //! `-- --quick` for a fast pass). Compare with perf/run.sh: the kernel's UDP path costs ~1.8 µs
@@ -162,6 +162,17 @@ fn hit_path(c: &mut Criterion) {
     let miss_key = key_of(&query(1, "svc-2.default.svc.cluster.local", true));
     c.bench_function("Shard::lookup miss", |b| {
         b.iter(|| matches!(shard.lookup(black_box(&miss_key), later), Lookup::Miss))
+    });
+
+    // The miss path's share: validating and preparing the upstream answer for the cache.
+    let miss = query(1, QNAME, true);
+    let upstream = upstream_answer(&dns::upstream_query(
+        &Query::parse(&miss).expect("bench queries parse"),
+        UDP_PAYLOAD,
+    ));
+    let miss_key = key_of(&miss);
+    c.bench_function("Answer::from_upstream", |b| {
+        b.iter(|| Answer::from_upstream(black_box(&upstream), black_box(&miss_key)).is_ok())
     });
 
     let mut out = vec![0u8; 65535];

@@ -333,7 +333,7 @@ impl Answer {
             out.truncate(at);
         }
         Header::for_message_slice_mut(&mut out).set_id(0);
-        if !replays_faithfully(&out, &ttl_offsets) {
+        if !replays_faithfully(&out, question_end, &ttl_offsets) {
             return Err(BadAnswer::Unfaithful);
         }
         // TC answers and extended rcodes (BADVERS, BADCOOKIE ...) are passed on, never cached.
@@ -446,7 +446,8 @@ impl Answer {
 /// Cheap when no pointer-shaped byte pair (`0b11……`) targets such bytes, which is every real
 /// answer (their pointers reach the question and earlier names); otherwise the records are
 /// compared with those of a copy rewritten as a hit would, with every rewritten bit flipped.
-fn replays_faithfully(message: &[u8], ttl_offsets: &[u16]) -> bool {
+/// The scan starts at `records` (the question's name was checked to be uncompressed).
+fn replays_faithfully(message: &[u8], records: usize, ttl_offsets: &[u16]) -> bool {
     // `ttl_offsets` ascend (records are walked in order): the TTL field at or before `target`.
     let rewritten = |target: usize| {
         let before = ttl_offsets.partition_point(|&at| usize::from(at) <= target);
@@ -456,12 +457,23 @@ fn replays_faithfully(message: &[u8], ttl_offsets: &[u16]) -> bool {
                 .checked_sub(1)
                 .is_some_and(|index| target < usize::from(ttl_offsets[index]) + 4)
     };
-    let suspect = message.windows(2).skip(HEADER_LEN).any(|pair| {
-        pair[0] >= 0xc0 && rewritten((usize::from(pair[0] & 0x3f) << 8) | usize::from(pair[1]))
-    });
-    if !suspect {
-        return true;
+    let mut rest = message.get(records..).unwrap_or_default();
+    while let Some(at) = rest.iter().position(|&byte| byte >= 0xc0) {
+        let (Some(&high), Some(&low)) = (rest.get(at), rest.get(at + 1)) else {
+            break;
+        };
+        if rewritten((usize::from(high & 0x3f) << 8) | usize::from(low)) {
+            return reads_the_same_replayed(message, ttl_offsets);
+        }
+        rest = rest.get(at + 1..).unwrap_or_default();
     }
+    true
+}
+
+/// The slow half of [`replays_faithfully`] (kept out of line: it never runs for real answers).
+#[cold]
+#[inline(never)]
+fn reads_the_same_replayed(message: &[u8], ttl_offsets: &[u16]) -> bool {
     let mut replay = message.to_vec();
     for byte in &mut replay[..4] {
         *byte ^= 0xff;
