@@ -7,7 +7,8 @@
 //! handover.rs), bind the health and metrics listeners, then every worker's sockets (so a bind
 //! error stops start-up with the address named, and before any DNS socket exists when the
 //! health port is taken), start the upstream side on
-//! `ringdns-ctl` and the HTTP side on `ringdns-http`, start the workers, log one `ready` line.
+//! `ringdns-ctl` and the HTTP side on `ringdns-http`, start the workers, confirm a hand-over
+//! and offer the sockets in turn (`[node] handover`), log one `ready` line.
 //! Then the main thread waits for signals: SIGHUP, or a change of the config file (polled every
 //! [`WATCH_INTERVAL`] when started with `--config`), reloads ([`reload`]); a worker thread that
 //! ends unasked is restarted in place ([`supervise`]); SIGTERM/SIGINT stop.
@@ -442,16 +443,6 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let node_sync = node.spawn_sync()?;
     control_metrics.set_backend(in_use);
     health.set_serving();
-    log::info!(
-        "{}",
-        ready_line(
-            &config.server.listen,
-            workers,
-            in_use,
-            http_listeners.metrics,
-            http_listeners.health
-        )
-    );
     // The predecessor stops receiving once told that this instance serves, unless this one
     // is being stopped already: then the predecessor goes on serving (and keeps the node
     // setup) as if nothing had happened.
@@ -489,6 +480,17 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
                 .inspect_err(|error| log::error!("handover: not offered: {error:#}"))
                 .ok()
         });
+    // Last, once the sockets are offered too: a successor started on this line finds them.
+    log::info!(
+        "{}",
+        ready_line(
+            &config.server.listen,
+            workers,
+            in_use,
+            http_listeners.metrics,
+            http_listeners.health
+        )
+    );
     let lameduck = config.health.lameduck;
     // Misses are answered (or failed) by their deadline, checked on the workers' 1 s tick.
     let drain = settings.miss_deadline + worker::TICK;
