@@ -10,6 +10,9 @@ mod checks;
 
 use std::path::{Path, PathBuf};
 
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
 /// Mutated inputs per target per run (a few seconds in a debug build).
 const MUTATIONS: usize = 20_000;
 
@@ -34,63 +37,45 @@ fn seeds(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     seeds
 }
 
-/// xorshift64*: a fixed sequence, so a failure reproduces.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// A number in `0..bound` (`bound` > 0).
-    fn below(&mut self, bound: usize) -> usize {
-        usize::try_from(self.next() % u64::try_from(bound).expect("usize fits u64"))
-            .expect("below a usize bound")
-    }
-}
-
 /// One mutation of `input` (another seed `other` for splices).
-fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
+fn mutate(rng: &mut StdRng, input: &[u8], other: &[u8]) -> Vec<u8> {
     let mut out = input.to_vec();
-    let rounds = 1 + rng.below(4);
+    let rounds = 1 + rng.random_range(0..4);
     for _ in 0..rounds {
-        match rng.below(7) {
+        match rng.random_range(0..7) {
             0 if !out.is_empty() => {
-                let at = rng.below(out.len());
-                out[at] ^= 1 << rng.below(8);
+                let at = rng.random_range(0..out.len());
+                out[at] ^= 1 << rng.random_range(0..8);
             }
             1 if !out.is_empty() => {
-                let at = rng.below(out.len());
+                let at = rng.random_range(0..out.len());
                 // Values DNS parsers trip on: 0, 0xff, compression pointer bits, lengths.
-                out[at] = [0, 0xff, 0xc0, 0x3f, 0x40, 0x80, 1, 12][rng.below(8)];
+                out[at] = [0, 0xff, 0xc0, 0x3f, 0x40, 0x80, 1, 12][rng.random_range(0..8)];
             }
             2 if !out.is_empty() => {
-                let at = rng.below(out.len());
+                let at = rng.random_range(0..out.len());
                 out.truncate(at);
             }
             3 => {
-                let at = rng.below(out.len() + 1);
-                let byte = u8::try_from(rng.below(256)).expect("below 256");
+                let at = rng.random_range(0..out.len() + 1);
+                let byte: u8 = rng.random();
                 out.insert(at, byte);
             }
             4 if !other.is_empty() => {
-                let cut = rng.below(out.len() + 1);
-                let from = rng.below(other.len());
+                let cut = rng.random_range(0..out.len() + 1);
+                let from = rng.random_range(0..other.len());
                 out.truncate(cut);
                 out.extend_from_slice(&other[from..]);
             }
             5 if out.len() >= 2 => {
                 // A 16-bit field (counts, types, lengths) set to a boundary value.
-                let at = rng.below(out.len() - 1);
-                let value: u16 = [0, 1, 2, 0xffff, 0x8000, 0x00c0][rng.below(6)];
+                let at = rng.random_range(0..out.len() - 1);
+                let value: u16 = [0, 1, 2, 0xffff, 0x8000, 0x00c0][rng.random_range(0..6)];
                 out[at..at + 2].copy_from_slice(&value.to_be_bytes());
             }
             _ => {
-                let at = rng.below(out.len() + 1);
-                let len = rng.below(8);
+                let at = rng.random_range(0..out.len() + 1);
+                let len = rng.random_range(0..8);
                 out.splice(at..at, std::iter::repeat_n(0xc0, len));
             }
         }
@@ -105,10 +90,11 @@ fn run(target: &str, check: fn(&[u8])) {
         let outcome = std::panic::catch_unwind(|| check(bytes));
         assert!(outcome.is_ok(), "seed {} failed", path.display());
     }
-    let mut rng = Rng(0x5eed_0000_0000_0001 ^ target.len() as u64);
+    // A fixed seed: the same mutations each run, so a failure reproduces.
+    let mut rng = StdRng::seed_from_u64(0x5eed_0000_0000_0001 ^ target.len() as u64);
     for round in 0..MUTATIONS {
-        let (_, input) = &seeds[rng.below(seeds.len())];
-        let (_, other) = &seeds[rng.below(seeds.len())];
+        let (_, input) = &seeds[rng.random_range(0..seeds.len())];
+        let (_, other) = &seeds[rng.random_range(0..seeds.len())];
         let input = mutate(&mut rng, input, other);
         let outcome = std::panic::catch_unwind(|| check(&input));
         assert!(
