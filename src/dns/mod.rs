@@ -440,34 +440,85 @@ impl Answer {
 /// Whether every record of `message` (an answer as stored: ID 0, no OPT, TTLs at
 /// `ttl_offsets`) reads the same in every reply a hit writes from it, which rewrites the ID,
 /// the flags, every TTL and ARCOUNT and appends an OPT record. A compression pointer may reach
-/// anywhere in a message, so a lying upstream could point a name at those bytes: replayed,
-/// the name would change or break, and ringdns would send malformed answers.
+/// anywhere before itself (domain refuses forward ones), so a lying upstream could make a name
+/// start in, or run its labels across, those bytes: replayed, the name would change or break,
+/// and ringdns would send malformed answers.
 ///
-/// Cheap when no pointer-shaped byte pair (`0b11……`) targets such bytes, which is every real
-/// answer (their pointers reach the question and earlier names); otherwise the records are
-/// compared with those of a copy rewritten as a hit would, with every rewritten bit flipped.
-/// The scan starts at `records` (the question's name was checked to be uncompressed).
+/// Each pointer-shaped byte pair (`0b11……`, after the question, whose name was checked to be
+/// uncompressed) that points backwards has the name at its target walked, pointers followed:
+/// only if a byte it reads is rewritten are the records compared with those of a copy
+/// rewritten as a hit would, with every rewritten bit flipped. Real answers' names sit in the
+/// question and in owner and data fields, so their walks never touch rewritten bytes; rdata
+/// that merely looks like a pointer (192.168.1.1) costs a short walk at most.
 fn replays_faithfully(message: &[u8], records: usize, ttl_offsets: &[u16]) -> bool {
-    // `ttl_offsets` ascend (records are walked in order): the TTL field at or before `target`.
-    let rewritten = |target: usize| {
-        let before = ttl_offsets.partition_point(|&at| usize::from(at) <= target);
-        target < HEADER_LEN
-            || target >= message.len()
-            || before
-                .checked_sub(1)
-                .is_some_and(|index| target < usize::from(ttl_offsets[index]) + 4)
-    };
-    let mut rest = message.get(records..).unwrap_or_default();
-    while let Some(at) = rest.iter().position(|&byte| byte >= 0xc0) {
-        let (Some(&high), Some(&low)) = (rest.get(at), rest.get(at + 1)) else {
+    let body = message.get(records..).unwrap_or_default();
+    let mut from = 0;
+    while let Some(at) = body
+        .get(from..)
+        .and_then(|rest| rest.iter().position(|&byte| byte >= 0xc0))
+    {
+        let position = records + from + at;
+        from += at + 1;
+        let Some(&[high, low]) = message.get(position..position + 2) else {
             break;
         };
-        if rewritten((usize::from(high & 0x3f) << 8) | usize::from(low)) {
+        let target = (usize::from(high & 0x3f) << 8) | usize::from(low);
+        if target < position && name_reads_rewritten(message, target, ttl_offsets) {
             return reads_the_same_replayed(message, ttl_offsets);
         }
-        rest = rest.get(at + 1..).unwrap_or_default();
     }
     true
+}
+
+/// Whether the name at `at` in `message`, read as a DNS name (labels, pointers followed
+/// backwards, at most 255 bytes), reads a byte a hit rewrites: the header, a TTL field, or
+/// anything past the stored message (the OPT record it had). Stops where the bytes are no name.
+fn name_reads_rewritten(message: &[u8], mut at: usize, ttl_offsets: &[u16]) -> bool {
+    // `ttl_offsets` ascend (records are walked in order).
+    let rewritten = |start: usize, end: usize| {
+        let first = ttl_offsets.partition_point(|&ttl| usize::from(ttl) + 4 <= start);
+        start < HEADER_LEN
+            || end > message.len()
+            || ttl_offsets
+                .get(first)
+                .is_some_and(|&ttl| usize::from(ttl) < end)
+    };
+    let mut read = 0;
+    for _ in 0..NAME_MAX {
+        let Some(&byte) = message.get(at) else {
+            return true;
+        };
+        match byte {
+            0 => return rewritten(at, at + 1),
+            0xc0.. => {
+                let target = message
+                    .get(at + 1)
+                    .map(|&low| (usize::from(byte & 0x3f) << 8) | usize::from(low));
+                match target {
+                    Some(target) if target < at => {
+                        if rewritten(at, at + 2) {
+                            return true;
+                        }
+                        at = target;
+                    }
+                    _ => return rewritten(at, at + 2),
+                }
+            }
+            0x40.. => return false,
+            len => {
+                let end = at + 1 + usize::from(len);
+                if rewritten(at, end) {
+                    return true;
+                }
+                read += 1 + usize::from(len);
+                if read > NAME_MAX {
+                    return false;
+                }
+                at = end;
+            }
+        }
+    }
+    false
 }
 
 /// The slow half of [`replays_faithfully`] (kept out of line: it never runs for real answers).

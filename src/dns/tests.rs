@@ -518,6 +518,23 @@ fn pointers_into_rewritten_bytes_are_refused() {
             "a pointer into {what}"
         );
     }
+    // A pointer to an earlier record's type field, read as a label running across its TTL
+    // (type 0x0601: a 6-byte label, then the TTL's last byte as the root while it is 256).
+    let mut across = answer(&q, 0, &[256, 30], None);
+    across[..2].fill(0);
+    across[37] = 0x06;
+    across[38] = 0x01;
+    across[second_owner] = 0xc0;
+    across[second_owner + 1] = 37;
+    assert!(
+        Message::from_slice(&across).is_ok(),
+        "the message itself parses"
+    );
+    assert_eq!(
+        Answer::from_upstream(&across, &key),
+        Err(BadAnswer::Unfaithful),
+        "a label across a TTL"
+    );
     // Pointer-shaped bytes in record data (192.0.0.5) are no pointers: the answer is kept.
     let mut legit = base.clone();
     legit[47..51].copy_from_slice(&[192, 0, 0, 5]);
