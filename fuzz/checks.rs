@@ -4,13 +4,13 @@
 //!
 //! - [`query`]: any bytes as a client's query, over UDP and over TCP, against a worker's
 //!   handler whose cache holds an answer. No panic; a reply is a well-formed DNS response
-//!   (every record parses), with QR=1, the client's ID and, over UDP, no longer than the
-//!   client may receive; a miss sends one well-formed query upstream, and the answer to it
-//!   reaches the client.
+//!   (every record parses) with QR=1, the client's ID and question (letter case included);
+//!   over UDP no longer than the client may receive (512 bytes without EDNS), over TCP never
+//!   truncated; a miss sends one well-formed query upstream, and the answer reaches the client.
 //! - [`upstream_answer`]: any bytes as the upstream's answer to a client's miss (a lying or
-//!   broken upstream). No panic; whatever the client gets (the answer, or SERVFAIL) is a
-//!   well-formed response with its ID and question, and so is the cache hit or miss that
-//!   follows, and a hit after the TTLs aged.
+//!   broken upstream). No panic; whatever the client gets (the answer, or SERVFAIL) passes the
+//!   same checks, and so do the cache hit or miss that follow, at once and with the TTLs aged;
+//!   a hit gives the records (TTLs aside) the last miss gave, unless either was truncated.
 //!
 //! Runs on: the fuzzer's or the test's thread; pure (no I/O, no clock: time is passed in).
 
@@ -125,13 +125,25 @@ fn valid_answer(upstream_query: &[u8]) -> Vec<u8> {
 }
 
 /// Asserts that `reply` is a well-formed response to a query whose first bytes are `query`:
-/// it parses with every record, has QR=1 and the query's ID.
-fn check_response(reply: &[u8], query: &[u8]) {
+/// it parses with every record, has QR=1 and the query's ID, and a question it carries is the
+/// query's, letter case included. Returns its records (see [`records`]).
+fn check_response(reply: &[u8], query: &[u8]) -> Vec<String> {
     let message = Message::from_slice(reply)
         .unwrap_or_else(|error| panic!("reply does not parse: {error}: {reply:02x?}"));
     assert!(message.header().qr(), "reply without QR: {reply:02x?}");
     if let Some(id) = query.get(..2) {
         assert_eq!(&reply[..2], id, "reply with another ID: {reply:02x?}");
+    }
+    let asked = Message::from_slice(query)
+        .ok()
+        .and_then(|query| query.first_question())
+        .map(|question| question.to_string());
+    if let (Some(asked), Some(echoed)) = (asked, message.first_question()) {
+        assert_eq!(
+            echoed.to_string(),
+            asked,
+            "reply with another question: {reply:02x?}"
+        );
     }
     for section in [message.answer(), message.authority(), message.additional()] {
         let section = section.unwrap_or_else(|error| panic!("bad section: {error}: {reply:02x?}"));
@@ -143,20 +155,69 @@ fn check_response(reply: &[u8], query: &[u8]) {
                 .unwrap_or_else(|error| panic!("bad record data: {error}: {reply:02x?}"));
         }
     }
+    records(reply)
 }
 
-/// Asserts that a UDP reply fits what the client may receive: 512 bytes, or the EDNS payload
-/// size both sides allow.
-fn check_udp_len(len: usize) {
+/// The answer and authority records of `reply` as text without TTLs, owner names in lower
+/// case: what a cache hit must give again.
+fn records(reply: &[u8]) -> Vec<String> {
+    let Ok(message) = Message::from_slice(reply) else {
+        return Vec::new();
+    };
+    let header = message.header();
+    let mut all = vec![format!("rcode {} tc {}", header.rcode(), header.tc())];
+    for section in [message.answer(), message.authority()] {
+        for record in section.into_iter().flatten().flatten() {
+            if let Ok(record) = record.to_any_record::<AllRecordData<&[u8], ParsedName<&[u8]>>>() {
+                all.push(format!(
+                    "{} {} {} {}",
+                    record.owner().to_string().to_lowercase(),
+                    record.class(),
+                    record.rtype(),
+                    record.data()
+                ));
+            }
+        }
+    }
+    all
+}
+
+/// Asserts that a UDP reply fits what the client `query` may receive: 512 bytes without
+/// EDNS, else its payload size capped at ours (never below 512). If domain cannot read the
+/// query's OPT record, only our cap is checked.
+fn check_udp_len(len: usize, query: &[u8]) {
+    let limit = match Message::from_slice(query).map(|message| message.opt()) {
+        Ok(Some(opt)) => opt.udp_payload_size().clamp(512, UDP_PAYLOAD),
+        Ok(None) if query.get(10..12) == Some(&[0, 0]) => 512,
+        _ => UDP_PAYLOAD,
+    };
     assert!(
-        len <= usize::from(UDP_PAYLOAD).max(512),
-        "UDP reply of {len} bytes exceeds {UDP_PAYLOAD}"
+        len <= usize::from(limit),
+        "UDP reply of {len} bytes exceeds the client's {limit}"
+    );
+}
+
+/// Asserts that a TCP reply (its [`records`]) is not truncated: TCP carries 65535 bytes, more
+/// than any answer ringdns accepts.
+fn check_not_truncated(records: &[String]) {
+    assert!(
+        records
+            .first()
+            .is_none_or(|line| line.ends_with("tc false")),
+        "a TCP reply with TC=1: {records:?}"
     );
 }
 
 /// Answers every miss `handler` sent upstream with [`valid_answer`] (or with `answer`, if
-/// given), checking each upstream query and each reply its clients get.
-fn answer_misses(handler: &mut Handler, now: Instant, client: &[u8], answer: Option<&[u8]>) {
+/// given), checking each upstream query and each reply its clients get; returns the records
+/// of the last reply.
+fn answer_misses(
+    handler: &mut Handler,
+    now: Instant,
+    client: &[u8],
+    answer: Option<&[u8]>,
+) -> Vec<String> {
+    let mut last = Vec::new();
     let mut requests = Vec::new();
     handler.take_requests(&mut requests);
     let mut out = vec![0u8; 65535];
@@ -174,28 +235,45 @@ fn answer_misses(handler: &mut Handler, now: Instant, client: &[u8], answer: Opt
             token: request.token,
             outcome: Outcome::Answer(bytes),
         };
+        let mut delivered = 0;
         handler.handle_reply(reply, now, &mut out, &mut |origin, bytes| {
-            check_response(bytes, client);
-            if matches!(origin, Origin::Udp { .. }) {
-                check_udp_len(bytes.len());
+            delivered += 1;
+            last = check_response(bytes, client);
+            match origin {
+                Origin::Udp { .. } => check_udp_len(bytes.len(), client),
+                Origin::Tcp { .. } => check_not_truncated(&last),
             }
         });
+        assert!(delivered > 0, "the parked client got no answer");
     }
+    last
+}
+
+/// What came of one query.
+enum Handled {
+    /// Answered at once (from the cache, or an error): the reply's records.
+    Reply(Vec<String>),
+    /// Parked and answered through the upstream: the reply's records.
+    Forwarded(Vec<String>),
+    /// Dropped.
+    Dropped,
 }
 
 /// Handles `query` from `origin` and checks what comes of it (see the module docs).
-fn handle_and_check(handler: &mut Handler, query: &[u8], now: Instant, origin: Origin) {
+fn handle_and_check(handler: &mut Handler, query: &[u8], now: Instant, origin: Origin) -> Handled {
     let mut out = vec![0u8; 65535];
     match handler.handle_query(query, now, origin, &mut out) {
         Action::Reply { len } => {
             assert!(len <= out.len());
-            check_response(&out[..len], query);
-            if matches!(origin, Origin::Udp { .. }) {
-                check_udp_len(len);
+            let records = check_response(&out[..len], query);
+            match origin {
+                Origin::Udp { .. } => check_udp_len(len, query),
+                Origin::Tcp { .. } => check_not_truncated(&records),
             }
+            Handled::Reply(records)
         }
-        Action::Parked => answer_misses(handler, now, query, None),
-        Action::Drop(_) => {}
+        Action::Parked => Handled::Forwarded(answer_misses(handler, now, query, None)),
+        Action::Drop(_) => Handled::Dropped,
     }
 }
 
@@ -204,7 +282,11 @@ pub(crate) fn query(data: &[u8]) {
     let now = Instant::now();
     let mut handler = handler();
     // Warm the cache through the real miss path.
-    handle_and_check(&mut handler, &stub_query(1, CACHED, 1, true), now, udp());
+    let warm = handle_and_check(&mut handler, &stub_query(1, CACHED, 1, true), now, udp());
+    assert!(
+        matches!(warm, Handled::Forwarded(_)),
+        "the first query is a miss"
+    );
     for origin in [udp(), tcp()] {
         handle_and_check(&mut handler, data, now, origin);
     }
@@ -225,21 +307,29 @@ pub(crate) fn upstream_answer(data: &[u8]) {
     let mut out = vec![0u8; 65535];
     let action = handler.handle_query(&client, now, udp(), &mut out);
     assert_eq!(action, Action::Parked, "a first query is a miss");
-    answer_misses(&mut handler, now, &client, Some(answer));
-    // Then from the cache (or upstream again), at once and once the TTLs aged.
-    let again = stub_query(0x1717, &name.to_uppercase(), qtype, pick & 0x40 != 0);
+    let mut expected = answer_misses(&mut handler, now, &client, Some(answer));
+    // Then from the cache (or upstream again), at once and once the TTLs aged: a hit gives
+    // the records the last miss gave (TTLs aside), unless either reply was truncated.
+    let again = stub_query(0x1717, &name.to_uppercase(), qtype, pick & 0x80 != 0);
+    let truncated = |records: &[String]| {
+        records
+            .first()
+            .is_some_and(|line| line.ends_with("tc true"))
+    };
     for later in [0, 7, 3600] {
-        handle_and_check(
-            &mut handler,
-            &again,
-            now + Duration::from_secs(later),
-            udp(),
-        );
-        handle_and_check(
-            &mut handler,
-            &again,
-            now + Duration::from_secs(later),
-            tcp(),
-        );
+        for origin in [udp(), tcp()] {
+            let at = now + Duration::from_secs(later);
+            match handle_and_check(&mut handler, &again, at, origin) {
+                Handled::Reply(records) if !truncated(&expected) && !truncated(&records) => {
+                    assert_eq!(
+                        records, expected,
+                        "a hit {later} s later differs from the miss"
+                    );
+                }
+                // Expired: the cache now holds what the upstream answered this time.
+                Handled::Forwarded(records) => expected = records,
+                _ => {}
+            }
+        }
     }
 }

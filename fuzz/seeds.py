@@ -113,6 +113,10 @@ def answers():
                              + rr(PTR0, A, 0xFFFFFFFF, b"\x0a\0\0\2"))
     many = b"".join(rr(PTR0, A, 30, bytes([10, 1, n // 256, n % 256])) for n in range(100))
     out["0-many-records"] = b"\0" + header(0, 0x8180, 1, 100) + ask + many
+    medium = b"".join(rr(PTR0, A, 30, bytes([10, 2, 0, n])) for n in range(40))
+    # ~700 bytes: over 512 for a client without EDNS (pick bit 7 clear), under 1232 with it.
+    out["0-medium"] = b"\0" + header(0, 0x8180, 1, 40) + ask + medium
+    out["0-medium-edns"] = b"\x80" + header(0, 0x8180, 1, 40) + ask + medium
     glue = rr(b"\xc0\x12", NS, 30, name("ns.cluster.local")) + rr(name("ns.cluster.local"), A, 30, b"\x0a\0\0\x35")
     out["0-authority-glue"] = b"\0" + header(0, 0x8580, 1, 1, 1, 1) + ask + rr(PTR0, A, 30, b"\x0a\0\0\1") + glue
     out["0-not-response"] = b"\0" + header(0, 0x0100, 1) + ask
