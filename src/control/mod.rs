@@ -442,7 +442,6 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     node.setup_rules();
     let node_sync = node.spawn_sync()?;
     control_metrics.set_backend(in_use);
-    health.set_serving();
     // The predecessor stops receiving once told that this instance serves, unless this one
     // is being stopped already: then the predecessor goes on serving (and keeps the node
     // setup) as if nothing had happened.
@@ -480,7 +479,9 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
                 .inspect_err(|error| log::error!("handover: not offered: {error:#}"))
                 .ok()
         });
-    // Last, once the sockets are offered too: a successor started on this line finds them.
+    // Last, once the sockets are offered too: a successor started on `/ready` or on this line
+    // finds them.
+    health.set_serving();
     log::info!(
         "{}",
         ready_line(

@@ -179,7 +179,7 @@ fn a_stale_handover_socket_is_ignored(io: Io) -> anyhow::Result<()> {
     let socket = run.path().join("handover.sock");
     let config = config_with_handover(io, auth.addr(), &socket);
     let mut killed = Ringdns::start(&config)?;
-    // The offer starts right after the ready line.
+    // The offer is up by the ready line (d74ad9f); the file is looked for all the same.
     wait_for(
         "the first instance offers",
         HANDOVER_TIMEOUT,
