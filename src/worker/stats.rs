@@ -326,7 +326,7 @@ fn normalize(name: &str) -> String {
 }
 
 /// The lower-case wire form of a presentation name (escapes are not interpreted, as in routing).
-fn to_wire(name: &str) -> Box<[u8]> {
+pub(crate) fn to_wire(name: &str) -> Box<[u8]> {
     let mut out = Vec::with_capacity(name.len() + 2);
     for label in name.split('.').filter(|label| !label.is_empty()) {
         let bytes = label.as_bytes();
