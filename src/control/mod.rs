@@ -613,8 +613,7 @@ fn pending_signals(signals: &crossbeam_channel::Receiver<Signal>) -> (Option<Sig
 /// flight.
 fn release(workers: &[WorkerHandle], drain: Duration) {
     for worker in workers {
-        let _ = worker.commands.send(Command::Release);
-        let _ = worker.wake.write(1);
+        worker.send(Command::Release);
     }
     std::thread::sleep(drain);
 }
@@ -622,7 +621,7 @@ fn release(workers: &[WorkerHandle], drain: Duration) {
 /// Tells every worker to stop and joins their threads.
 fn stop_workers(workers: &mut [WorkerHandle]) {
     for worker in workers.iter() {
-        worker.stop();
+        worker.send(Command::Stop);
     }
     for worker in workers {
         if !worker.join() {

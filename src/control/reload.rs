@@ -310,8 +310,7 @@ impl Live {
                 add,
                 remove: remove.clone(),
             };
-            let _ = worker.commands.send(Command::Reload(Box::new(reload)));
-            let _ = worker.wake.write(1);
+            worker.send(Command::Reload(Box::new(reload)));
         }
         {
             let mut sources = self.sources.write().unwrap_or_else(PoisonError::into_inner);

@@ -65,9 +65,10 @@ pub(crate) struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    /// Tells the worker to stop (if it runs).
-    pub(crate) fn stop(&self) {
-        let _ = self.commands.send(Command::Stop);
+    /// Sends `command` and wakes the worker (a worker that is down finds nothing stale: a
+    /// restart drops what waited).
+    pub(crate) fn send(&self, command: Command) {
+        let _ = self.commands.send(command);
         let _ = self.wake.write(1);
     }
 
