@@ -1,5 +1,6 @@
 # Process helpers shared by perf/run.sh, perf/miss-ab.sh and perf/upgrade.sh (sourced, not run).
-# The caller defines `die` and a `pids` array, which its EXIT trap stops by PID.
+# The caller defines `die` and a `pids` array, which its EXIT trap stops by PID
+# (ab_setup makes both for the A/B scripts).
 
 # Starts "$@" under `timeout` (so it dies by itself after $1 s even if the script is killed)
 # pinned to CPU list $2, logging to $3; sets started_pid to the process itself (not the wrapper).
@@ -26,4 +27,22 @@ stop_pid() {
     kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.05; done
     kill -KILL "$pid" 2>/dev/null || true
+}
+
+# For the A/B scripts (miss-ab.sh, upgrade.sh), inside their namespace: checks that the load
+# generator is built (sets loadgen), brings lo up, makes the scratch dir $work (prefix $1) and
+# an EXIT trap that stops every process in pids by PID and removes $work.
+ab_setup() {
+    loadgen="$repo/target/release/loadgen"
+    [[ -x "$loadgen" ]] || die "build loadgen first: cargo build --release -p ringdns-loadgen"
+    ip link set lo up
+    work="$(mktemp -d "/tmp/$1.XXXXXX")"
+    pids=()
+    trap ab_cleanup EXIT
+}
+
+ab_cleanup() {
+    local pid
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    rm -rf "$work"
 }

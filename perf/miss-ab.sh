@@ -33,21 +33,10 @@ while (($#)); do
     shift
 done
 ((${#binaries[@]} > 0)) || die "give at least one ringdns binary"
-loadgen="$repo/target/release/loadgen"
-[[ -x "$loadgen" ]] || die "build loadgen first: cargo build --release -p ringdns-loadgen"
-ip link set lo up
-work="$(mktemp -d /tmp/ringdns-ab.XXXXXX)"
-pids=()
-cleanup() {
-    local pid
-    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-# start_pinned, stop_pid
+# start_pinned, stop_pid, ab_setup
 # shellcheck source=perf/lib.sh
 source "$repo/perf/lib.sh"
+ab_setup ringdns-ab
 ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
 on_cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {print s}'; }
 thread_ns() {

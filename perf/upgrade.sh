@@ -43,21 +43,10 @@ while (($#)); do
     shift
 done
 [[ -x "$binary" ]] || die "not an executable: $binary (cargo build --release)"
-loadgen="$repo/target/release/loadgen"
-[[ -x "$loadgen" ]] || die "build loadgen first: cargo build --release -p ringdns-loadgen"
-ip link set lo up
-work="$(mktemp -d /tmp/ringdns-upgrade.XXXXXX)"
-pids=()
-cleanup() {
-    local pid
-    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-# start_pinned, stop_pid
+# start_pinned, stop_pid, ab_setup
 # shellcheck source=perf/lib.sh
 source "$repo/perf/lib.sh"
+ab_setup ringdns-upgrade
 # Nothing is pinned here: every CPU.
 cpus="0-$(($(nproc) - 1))"
 
