@@ -43,7 +43,7 @@ use crate::upstream::{self, ControlLink, UpstreamSide, WorkerLink};
 use crate::worker::handler::Settings;
 use crate::worker::stats::{Layout, WorkerStats, Zones};
 use crate::worker::upstream::ForwardSetup;
-use crate::worker::{self, sockets, Backend, Command, WorkerSetup};
+use crate::worker::{self, sockets, Backend, Command, Serving, WorkerSetup};
 
 use self::handover::{Event, Kind, Listening, Offer, Peer, Taken};
 use self::node::{Node, NodeStats};
@@ -382,8 +382,7 @@ pub fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             udp,
             tcp,
             settings,
-            tcp_idle_timeout: config.server.tcp_idle_timeout,
-            max_tcp_connections: config.server.max_tcp_connections,
+            serving: serving(&config),
             control: control_link.clone(),
             forward,
             replies,
@@ -753,6 +752,15 @@ fn settings(config: &Config) -> Settings {
         miss_deadline: longest_timeout + MISS_DEADLINE_MARGIN,
         max_misses: MAX_MISSES_PER_WORKER,
         max_waiters: MAX_WAITERS_PER_MISS,
+    }
+}
+
+/// What workers take from `[server]` besides sockets and DNS settings.
+fn serving(config: &Config) -> Serving {
+    Serving {
+        tcp_idle_timeout: config.server.tcp_idle_timeout,
+        max_tcp_connections: config.server.max_tcp_connections,
+        batch_wait: config.server.batch_wait,
     }
 }
 

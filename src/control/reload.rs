@@ -6,7 +6,7 @@
 //! An invalid file is logged (`error`, naming file, line and key), counted in
 //! `coredns_reload_failed_total` and ignored: the old configuration stays in force. A valid one
 //! is applied part by part: handler settings (cache limits, payload size, miss deadline) and
-//! TCP limits go to every worker in one [`Command::Reload`]; `[[forward]]` changes swap in a new
+//! serving limits (TCP limits, `batch_wait`) go to every worker in one [`Command::Reload`]; `[[forward]]` changes swap in a new
 //! forwarder on `ringdns-ctl` ([`UpstreamSide::reconfigure`]); new listen addresses are put on
 //! the node interface (if managed), bound per worker and handed over with their stable socket
 //! index, removed ones stop receiving and close; zone or listen changes bring a new metrics
@@ -290,10 +290,9 @@ impl Live {
         if settings != super::settings(old) {
             changes.push("settings".to_owned());
         }
-        if new.server.tcp_idle_timeout != old.server.tcp_idle_timeout
-            || new.server.max_tcp_connections != old.server.max_tcp_connections
-        {
-            changes.push("tcp_limits".to_owned());
+        let serving = super::serving(&new);
+        if serving != super::serving(old) {
+            changes.push("serving".to_owned());
         }
         for (index, (worker, add)) in self.workers.iter_mut().zip(bound).enumerate() {
             let forward = forward_changed.then(|| {
@@ -303,8 +302,7 @@ impl Live {
             });
             let reload = Reload {
                 settings,
-                tcp_idle_timeout: new.server.tcp_idle_timeout,
-                max_tcp_connections: new.server.max_tcp_connections,
+                serving,
                 stats: stats.as_ref().and_then(|all| all.get(index).cloned()),
                 forward,
                 add,

@@ -188,8 +188,7 @@ impl Live {
             udp: sockets.udp,
             tcp: sockets.tcp,
             settings: super::settings(&self.config),
-            tcp_idle_timeout: self.config.server.tcp_idle_timeout,
-            max_tcp_connections: self.config.server.max_tcp_connections,
+            serving: super::serving(&self.config),
             control: self.control_link.clone(),
             forward: ForwardSetup::continuing(
                 self.config.forward.clone(),

@@ -55,13 +55,6 @@ pub fn probe_uring() -> Result<(), String> {
 /// run; an upstream answer for a TCP client ends the turn early.
 const TURN: Duration = Duration::from_millis(1);
 
-/// After a batch, wait up to this long in the kernel for more datagrams before returning to
-/// epoll: at moderate rates one wake-up then serves several queries (shared/ANCHORS.md: a
-/// 200 µs minimum wait halves CPU per query at 20k qps). 250 µs was tried (perf/RESULTS.md,
-/// 2026-12-02): 9.1–9.9 µs per query at a paced 20k qps against 9.5–10.2 µs, but p99 reached
-/// 602 µs in one of four runs, past the 500 µs budget; 200 µs kept p99 at 344–470 µs.
-const LINGER: Duration = Duration::from_micros(200);
-
 /// Completions that end a linger early.
 const LINGER_WANT: usize = 16;
 
@@ -101,15 +94,25 @@ pub enum Command {
     Stop,
 }
 
+/// How a worker serves its sockets, apart from DNS (`[server]` keys; all reloadable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Serving {
+    /// A TCP client connection idle this long is closed.
+    pub tcp_idle_timeout: Duration,
+    /// TCP connection cap for this worker.
+    pub max_tcp_connections: usize,
+    /// io_uring: after a batch, how long to wait in the kernel for more datagrams (`ZERO`:
+    /// not at all). The epoll backend has no such wait.
+    pub batch_wait: Duration,
+}
+
 /// One worker's share of a reload, built by the control side.
 #[derive(Debug)]
 pub struct Reload {
     /// DNS settings (cache limits, payload size, miss deadline).
     pub settings: Settings,
-    /// TCP idle timeout.
-    pub tcp_idle_timeout: Duration,
-    /// TCP connection cap for this worker.
-    pub max_tcp_connections: usize,
+    /// TCP limits and the io_uring batch wait.
+    pub serving: Serving,
     /// New counters laid out for new listen addresses or zones (`None`: keep the current ones).
     pub stats: Option<Arc<WorkerStats>>,
     /// New `[[forward]]` zones for the worker's own UDP exchanges (`None`: unchanged).
@@ -139,10 +142,8 @@ pub struct WorkerSetup {
     pub tcp: Vec<Option<TcpListener>>,
     /// DNS settings.
     pub settings: Settings,
-    /// TCP idle timeout.
-    pub tcp_idle_timeout: Duration,
-    /// TCP connection cap for this worker.
-    pub max_tcp_connections: usize,
+    /// TCP limits and the io_uring batch wait.
+    pub serving: Serving,
     /// To the control side.
     pub control: ControlLink,
     /// The zones this worker forwards over UDP itself (io_uring backend).
@@ -280,10 +281,8 @@ pub(crate) struct Shared {
     tcp: HashMap<u64, tcp::TcpConn>,
     /// Last connection number handed out.
     next_conn: u64,
-    /// Connection cap.
-    max_tcp_connections: usize,
-    /// Idle timeout.
-    tcp_idle_timeout: Duration,
+    /// TCP limits and the io_uring batch wait.
+    serving: Serving,
     /// Scratch for replies (TCP-sized).
     out: Box<[u8]>,
     /// Counters.
@@ -520,8 +519,7 @@ async fn serve(setup: WorkerSetup) -> io::Result<()> {
         udp,
         tcp,
         settings,
-        tcp_idle_timeout,
-        max_tcp_connections,
+        serving,
         control,
         forward: forward_setup,
         replies,
@@ -568,8 +566,7 @@ async fn serve(setup: WorkerSetup) -> io::Result<()> {
         udp,
         tcp: HashMap::new(),
         next_conn: 0,
-        max_tcp_connections,
-        tcp_idle_timeout,
+        serving,
         out: vec![0u8; TCP_MESSAGE_MAX].into_boxed_slice(),
         stats,
         udp_tasks: Vec::new(),
@@ -666,8 +663,7 @@ fn abort_task(tasks: &mut [Option<AbortHandle>], index: u16) {
 fn apply_reload(shared: &Rc<RefCell<Shared>>, reload: Reload, index: usize) {
     let Reload {
         settings,
-        tcp_idle_timeout,
-        max_tcp_connections,
+        serving,
         stats,
         forward,
         add,
@@ -678,8 +674,7 @@ fn apply_reload(shared: &Rc<RefCell<Shared>>, reload: Reload, index: usize) {
     {
         let mut state = shared.borrow_mut();
         state.handler.set_settings(settings);
-        state.tcp_idle_timeout = tcp_idle_timeout;
-        state.max_tcp_connections = max_tcp_connections;
+        state.serving = serving;
         if let Some(forward) = forward {
             state.upstream.exchanges.reconfigure(forward);
         }
@@ -856,6 +851,7 @@ fn ring_turn(shared: &RefCell<Shared>) -> bool {
             stats,
             upstream,
             replies,
+            serving,
             ..
         } = &mut *state;
         let Udp::Uring(ring) = udp else {
@@ -886,7 +882,9 @@ fn ring_turn(shared: &RefCell<Shared>) -> bool {
             ring.flush();
             return true;
         }
-        ring.linger(LINGER_WANT, LINGER);
+        // `server.batch_wait` (config.rs BATCH_WAIT): at moderate rates one wake-up then
+        // serves several queries; zero only submits and reaps what already completed.
+        ring.linger(LINGER_WANT, serving.batch_wait);
         now = Instant::now();
     }
 }

@@ -31,7 +31,7 @@ pub(super) async fn accept_loop(shared: Rc<RefCell<Shared>>, listener: TcpListen
         };
         let conn = {
             let mut state = shared.borrow_mut();
-            if state.tcp.len() >= state.max_tcp_connections {
+            if state.tcp.len() >= state.serving.max_tcp_connections {
                 state.stats.bump(Counter::TcpRefused);
                 continue;
             }
@@ -58,7 +58,7 @@ async fn serve(shared: Rc<RefCell<Shared>>, stream: TcpStream, socket: u16, conn
             parked: parked.clone(),
         };
         state.tcp.insert(conn, entry);
-        state.tcp_idle_timeout
+        state.serving.tcp_idle_timeout
     };
     let writer_task = tokio::task::spawn_local(async move {
         while let Some(frame) = outgoing.recv().await {

@@ -319,7 +319,7 @@ const LOAD_QPS: u32 = 2000;
 const LOAD_SECS: u32 = 6;
 
 /// dnsperf at a fixed bounded rate against 127.0.0.1 while three SIGHUPs change the cache
-/// limits and the upstreams: "Queries lost: 0".
+/// limits, the batch wait (longest, then none) and the upstreams: "Queries lost: 0".
 fn reload_under_load_loses_no_query(io: Io) -> anyhow::Result<()> {
     let _ns = enter_netns!(&format!("reload_under_load_loses_no_query/{io}"));
     if !dnsperf::installed() {
@@ -343,11 +343,18 @@ fn reload_under_load_loses_no_query(io: Io) -> anyhow::Result<()> {
     let query_file = dns.dir().join("queries.txt");
     std::fs::write(&query_file, queries)?;
     let reloads = [
-        config.clone().cache_int("success_capacity", 20000),
+        config
+            .clone()
+            .cache_int("success_capacity", 20000)
+            .server_key("batch_wait", "\"1ms\""),
         base.clone()
             .cache_int("success_capacity", 20000)
+            .server_key("batch_wait", "\"1ms\"")
             .forward_with(".", &[relay.addr(), auth.addr()], "udp", "3s"),
-        config.clone().cache_int("denial_capacity", 5000),
+        config
+            .clone()
+            .cache_int("denial_capacity", 5000)
+            .server_key("batch_wait", "\"0s\""),
     ];
     let load = {
         let query_file = query_file.clone();
@@ -366,7 +373,13 @@ fn reload_under_load_loses_no_query(io: Io) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("dnsperf thread panicked"))??;
     assert!(sent > 0, "dnsperf sent nothing:\n{stdout}");
     assert_eq!(lost, 0, "queries lost during reloads:\n{stdout}");
-    // Each reload was applied, none rejected.
+    // Each reload was applied, none rejected; the batch wait went to the workers twice.
     assert_eq!(reload_failures(&dns)?, 0.0);
+    let applied = dns.stderr();
+    let serving = applied
+        .lines()
+        .filter(|line| line.contains("reload applied") && line.contains("serving"))
+        .count();
+    assert_eq!(serving, 2, "reload log:\n{applied}");
     dns.stop()
 }

@@ -65,6 +65,8 @@ pub struct TestConfig {
     pub udp_payload: Option<u16>,
     /// `server.tcp_idle_timeout`, if set.
     pub tcp_idle_timeout: Option<String>,
+    /// More `[server]` keys to set (key, TOML value text), e.g. `("batch_wait", "\"0s\"")`.
+    pub server: Vec<(String, String)>,
     /// `[cache]` keys to set (key, TOML value text), e.g. `("success_ttl", "\"30s\"")`.
     pub cache: Vec<(String, String)>,
     /// `[[forward]]` entries.
@@ -95,6 +97,7 @@ impl TestConfig {
             workers: 2,
             udp_payload: None,
             tcp_idle_timeout: None,
+            server: Vec::new(),
             cache: Vec::new(),
             forward: Vec::new(),
             log_level: "info".into(),
@@ -164,6 +167,12 @@ impl TestConfig {
         self
     }
 
+    /// Sets a `[server]` key to a TOML value text (`"1024"`, `"\"0s\""`).
+    pub fn server_key(mut self, key: &str, value: &str) -> Self {
+        self.server.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
     /// Sets a `[cache]` key to a string value such as `"5s"`.
     pub fn cache_str(mut self, key: &str, value: &str) -> Self {
         self.cache.push((key.to_owned(), format!("{value:?}")));
@@ -190,6 +199,9 @@ impl TestConfig {
         }
         if let Some(timeout) = &self.tcp_idle_timeout {
             let _ = writeln!(text, "tcp_idle_timeout = \"{timeout}\"");
+        }
+        for (key, value) in &self.server {
+            let _ = writeln!(text, "{key} = {value}");
         }
         if !self.cache.is_empty() {
             text.push_str("\n[cache]\n");
