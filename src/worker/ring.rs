@@ -223,7 +223,14 @@ impl RingUdp {
     /// Submits queued sends and waits in the kernel up to `wait` for `want` more completions
     /// (returning early once `wait` has passed with at least one: min_wait), running deferred
     /// task work meanwhile; so at moderate rates one system call serves several datagrams.
+    /// A zero `wait` only submits and runs task work: a wait with a zero timeout would arm a
+    /// timer that fires at once, which cost half the worker's CPU at a paced 20k qps
+    /// (perf/RESULTS.md, batch_wait sweep).
     pub fn linger(&mut self, want: usize, wait: Duration) {
+        if wait.is_zero() {
+            self.run_task_work();
+            return;
+        }
         let timeout = Timespec::from(wait);
         let micros = u32::try_from(wait.as_micros()).unwrap_or(u32::MAX);
         let args = SubmitArgs::new().timespec(&timeout);
