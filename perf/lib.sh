@@ -1,4 +1,5 @@
-# Process helpers shared by perf/run.sh, perf/miss-ab.sh and perf/upgrade.sh (sourced, not run).
+# Process helpers shared by perf/run.sh, perf/miss-ab.sh, perf/upgrade.sh and
+# perf/batch-wait.sh (sourced, not run).
 # The caller defines `die` and a `pids` array, which its EXIT trap stops by PID
 # (ab_setup makes both for the A/B scripts).
 
@@ -21,6 +22,13 @@ start_pinned() {
     pids+=("$started_pid")
 }
 
+# CPU time of process $1 so far: utime+stime in clock ticks (as perf/run.sh counts it).
+ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+
+# On-CPU time of all threads of process $1 so far, ns (/proc/PID/task/*/schedstat); printed
+# with %.0f, since awk's default number format turns sums past 2^31 into 3.6e+09.
+on_cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {printf "%.0f\n", s}'; }
+
 # Stops process $1 (started by start_pinned): SIGTERM, then SIGKILL after 5 s.
 stop_pid() {
     local pid="$1"
@@ -29,7 +37,7 @@ stop_pid() {
     kill -KILL "$pid" 2>/dev/null || true
 }
 
-# For the A/B scripts (miss-ab.sh, upgrade.sh), inside their namespace: checks that the load
+# For the A/B scripts (miss-ab.sh, upgrade.sh, batch-wait.sh), inside their namespace: checks that the load
 # generator is built (sets loadgen), brings lo up, makes the scratch dir $work (prefix $1) and
 # an EXIT trap that stops every process in pids by PID and removes $work.
 ab_setup() {

@@ -33,12 +33,10 @@ while (($#)); do
     shift
 done
 ((${#binaries[@]} > 0)) || die "give at least one ringdns binary"
-# start_pinned, stop_pid, ab_setup
+# start_pinned, stop_pid, ab_setup, ticks, on_cpu_ns
 # shellcheck source=perf/lib.sh
 source "$repo/perf/lib.sh"
 ab_setup ringdns-ab
-ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
-on_cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {print s}'; }
 thread_ns() {
     local task
     for task in /proc/"$1"/task/*; do
