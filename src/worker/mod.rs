@@ -821,9 +821,11 @@ async fn ring_loop(shared: Rc<RefCell<Shared>>, events: tokio::io::unix::AsyncFd
             let Ok(mut guard) = events.readable().await else {
                 return;
             };
-            if guard.get_inner().0.read() == Err(nix::errno::Errno::EAGAIN) {
-                guard.clear_ready();
-            }
+            // The read empties the counter; clearing at once is safe (a write after the read is
+            // a new edge, seen by tokio's next epoll_wait) and saves a read that would only
+            // say EAGAIN.
+            let _ = guard.get_inner().0.read();
+            guard.clear_ready();
         }
         busy = ring_turn(&shared);
         if busy {
@@ -840,6 +842,7 @@ fn ring_turn(shared: &RefCell<Shared>) -> bool {
     let turn = Instant::now();
     let mut now = turn;
     if let Udp::Uring(ring) = &mut state.udp {
+        ring.mute();
         ring.start_turn();
     }
     loop {
@@ -874,7 +877,18 @@ fn ring_turn(shared: &RefCell<Shared>) -> bool {
         };
         if handled == 0 && delivered == 0 {
             ring.flush();
-            return false;
+            if !ring.unmute() {
+                return false;
+            }
+            // Work arrived while muted: it would not wake us. Handle it now (after the
+            // worker's other tasks if this turn is already long).
+            ring.mute();
+            if now.duration_since(turn) >= TURN {
+                return true;
+            }
+            ring.start_turn();
+            now = Instant::now();
+            continue;
         }
         // Leave for tokio after a turn (TCP and the tick run there), or at once when an answer
         // waits for a TCP connection's writer, which runs there.
