@@ -17,6 +17,7 @@ pub mod bufs;
 #[cfg(debug_assertions)]
 pub mod fault;
 pub mod handler;
+pub mod pace;
 pub mod pending;
 pub mod ring;
 pub mod sockets;
@@ -41,6 +42,7 @@ use tokio::task::AbortHandle;
 use crate::upstream::{ControlLink, Failure, Outcome, Reply, Request, Via};
 
 use handler::{Handler, Settings, TCP_MESSAGE_MAX};
+use pace::Pace;
 use pending::Origin;
 use stats::{Counter, WorkerStats};
 use udp::EpollUdp;
@@ -283,6 +285,8 @@ pub(crate) struct Shared {
     next_conn: u64,
     /// TCP limits and the io_uring batch wait.
     serving: Serving,
+    /// Whether the io_uring batch wait pays at the current rate.
+    pace: Pace,
     /// Scratch for replies (TCP-sized).
     out: Box<[u8]>,
     /// Counters.
@@ -567,6 +571,7 @@ async fn serve(setup: WorkerSetup) -> io::Result<()> {
         tcp: HashMap::new(),
         next_conn: 0,
         serving,
+        pace: Pace::new(Instant::now(), 0),
         out: vec![0u8; TCP_MESSAGE_MAX].into_boxed_slice(),
         stats,
         udp_tasks: Vec::new(),
@@ -855,6 +860,7 @@ fn ring_turn(shared: &RefCell<Shared>) -> bool {
             upstream,
             replies,
             serving,
+            pace,
             ..
         } = &mut *state;
         let Udp::Uring(ring) = udp else {
@@ -897,8 +903,10 @@ fn ring_turn(shared: &RefCell<Shared>) -> bool {
             return true;
         }
         // `server.batch_wait` (config.rs BATCH_WAIT): at moderate rates one wake-up then
-        // serves several queries; zero only submits and reaps what already completed.
-        ring.linger(LINGER_WANT, serving.batch_wait);
+        // serves several queries; at low rates (pace.rs) and when zero, the worker only
+        // submits and reaps what already completed.
+        let wait = pace.wait(ring.datagrams(), now, serving.batch_wait);
+        ring.linger(LINGER_WANT, wait);
         now = Instant::now();
     }
 }

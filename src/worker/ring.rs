@@ -113,6 +113,8 @@ pub struct RingUdp {
     min_wait: bool,
     /// Set by [`RingUdp::stop_receiving`] (hand-over): listen sockets are never re-armed.
     quiet: bool,
+    /// Client datagrams received so far (the batch wait follows their rate: pace.rs).
+    datagrams: u64,
 }
 
 /// One socket connected to an upstream.
@@ -192,6 +194,7 @@ impl RingUdp {
             unsubmitted: false,
             min_wait,
             quiet: false,
+            datagrams: 0,
         };
         udp.arm_receives()?;
         udp.ring.submit()?;
@@ -247,6 +250,11 @@ impl RingUdp {
         // ETIME (nothing arrived) and EINTR are normal outcomes of a bounded wait.
         let _ = self.ring.submitter().submit_with_args(want, &args);
         self.unsubmitted = false;
+    }
+
+    /// Client datagrams received so far on the listen sockets.
+    pub fn datagrams(&self) -> u64 {
+        self.datagrams
     }
 
     /// Adds `socket` at index `index` (reload: a new listen address); its receive is armed on
@@ -611,6 +619,7 @@ impl RingUdp {
             return;
         }
         if let Ok(len) = usize::try_from(cqe.result()) {
+            self.datagrams += 1;
             self.answer(socket, bid, len, handler, stats, now);
         }
         self.bufs.recycle(bid);
