@@ -15,6 +15,8 @@
 #                and --no-append: profiling perturbs the numbers); reports in the temp dir
 #   --repeats N  run the paced and miss measurements N times and show the median (default 3;
 #                --short: 1); every run's value goes to RESULTS.md
+#   --paced-rate QPS  the paced measurement's rate (default 20000, the performance targets';
+#                a node's usual few hundred to few thousand qps shows the cost of wake-ups)
 #   --install    apt-get install the Debian packages this needs, then exit
 # Needs root (unshare -n / -m, binding port 53). See perf/README.md for what each number means.
 set -euo pipefail
@@ -33,6 +35,7 @@ keep=0
 append=1
 profile=0
 repeats=""
+paced_rate=""
 args=("$@")
 while (($#)); do
     case "$1" in
@@ -43,6 +46,8 @@ while (($#)); do
         --no-append) append=0 ;;
         --profile) profile=1; keep=1; append=0 ;;
         --repeats) [[ $# -ge 2 && $2 =~ ^[1-9]$ ]] || die "--repeats needs 1..9"; repeats="$2"; shift ;;
+        --paced-rate) [[ $# -ge 2 && $2 =~ ^[1-9][0-9]{2,5}$ ]] || die "--paced-rate needs 100..999999"
+            paced_rate="$2"; shift ;;
         --install)
             apt-get install -y "${apt_packages[@]}"
             exit 0 ;;
@@ -102,7 +107,7 @@ fi
 if [[ -z $repeats ]]; then
     if ((short)); then repeats=1; else repeats=3; fi
 fi
-paced_rate=20000
+paced_rate="${paced_rate:-20000}"
 paced_queries=$((paced_rate * paced_s))
 miss_queries=40000
 # Extra loadgen arguments of the saturated run (experiments; recorded in RESULTS.md).
