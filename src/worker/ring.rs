@@ -503,15 +503,22 @@ impl RingUdp {
     }
 
     /// Before the worker sleeps on the eventfd: lets the kernel write it again and says whether
-    /// work arrived while it was muted (completions waiting, or deferred task work pending,
-    /// which the kernel flags in the SQ ring whenever it queues some to an empty list or leaves
-    /// some unrun), in which case the caller must run another turn instead of sleeping.
+    /// work arrived while it was muted, in which case the caller must run another turn instead
+    /// of sleeping (nothing would wake it). Deferred task work queued meanwhile is flagged in
+    /// the SQ ring (IORING_SQ_TASKRUN, set when work is queued to an empty list or left unrun);
+    /// the flag can also be left set with nothing to run, so it is only a reason to run the
+    /// task work here, with the eventfd live again, and the answer is whether that (or
+    /// anything before it) posted completions. Treating the flag itself as work spun the
+    /// worker through empty turns under a miss load (perf/RESULTS.md, 14:25).
     pub fn unmute(&mut self) -> bool {
         self.ring.completion().enable_eventfd();
         // The kernel publishes work, then reads the disabled flag; we clear the flag, then
         // read for work: a full fence on our side makes one of the two see the other.
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        !self.ring.completion().is_empty() || self.ring.submission().taskrun()
+        if self.ring.submission().taskrun() {
+            self.run_task_work();
+        }
+        !self.ring.completion().is_empty()
     }
 
     /// Makes pending completions visible: submits queued SQEs and runs deferred task work.
