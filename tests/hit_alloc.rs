@@ -17,6 +17,7 @@ use ringdns::upstream::{Outcome, Reply};
 use ringdns::worker::handler::{Action, Handler, Settings};
 use ringdns::worker::pending::Origin;
 use ringdns::worker::stats::WorkerStats;
+use ringdns::worker::tcp::Spare;
 
 thread_local! {
     /// Allocations made by this thread while counting is on.
@@ -168,6 +169,24 @@ fn cache_hit_does_not_allocate() {
     assert_eq!(
         allocations, 0,
         "1000 cache hits allocated {allocations} times"
+    );
+
+    // Over TCP the reply is framed into one of its connection's spare buffers, which its
+    // writer gives back once written: after the first, no allocation either.
+    let spare = Spare::default();
+    spare.give_back(spare.frame(&out[..len]));
+    let tcp_allocations = allocations_in(|| {
+        for _ in 0..1000 {
+            if let Action::Reply { len } = handler.handle_query(&hit, later, origin, &mut out) {
+                let framed = spare.frame(&out[..len]);
+                assert_eq!(framed.len(), len + 2);
+                spare.give_back(framed);
+            }
+        }
+    });
+    assert_eq!(
+        tcp_allocations, 0,
+        "1000 TCP cache hits allocated {tcp_allocations} times"
     );
 
     // The counter itself works: a miss allocates (the parked query, the upstream request).

@@ -51,18 +51,23 @@ async fn serve(shared: Rc<RefCell<Shared>>, stream: TcpStream, socket: u16, conn
     let (mut reader, mut writer) = stream.into_split();
     let (frames, mut outgoing) = mpsc::channel::<Vec<u8>>(TCP_QUEUE);
     let parked = Rc::new(Cell::new(0u32));
+    let spare = Rc::new(Spare::default());
     let idle = {
         let mut state = shared.borrow_mut();
         let entry = TcpConn {
             frames: frames.clone(),
             parked: parked.clone(),
+            spare: spare.clone(),
         };
         state.tcp.insert(conn, entry);
         state.serving.tcp_idle_timeout
     };
+    let writer_spare = spare.clone();
     let writer_task = tokio::task::spawn_local(async move {
         while let Some(frame) = outgoing.recv().await {
-            if writer.write_all(&frame).await.is_err() {
+            let written = writer.write_all(&frame).await;
+            writer_spare.give_back(frame);
+            if written.is_err() {
                 break;
             }
         }
@@ -91,7 +96,7 @@ async fn serve(shared: Rc<RefCell<Shared>>, stream: TcpStream, socket: u16, conn
         let now = Instant::now();
         let outcome = {
             let mut state = shared.borrow_mut();
-            let outcome = state.handle_query(&message, now, Origin::Tcp { socket, conn });
+            let outcome = state.handle_query(&message, now, Origin::Tcp { socket, conn }, &spare);
             state.forward_now(now);
             outcome
         };
@@ -126,6 +131,8 @@ pub(super) struct TcpConn {
     pub(super) frames: mpsc::Sender<Vec<u8>>,
     /// Queries of this connection parked on a miss (the idle timeout waits for them).
     pub(super) parked: Rc<Cell<u32>>,
+    /// Its reply buffers, back from the writer once written.
+    pub(super) spare: Rc<Spare>,
 }
 
 impl TcpConn {
@@ -133,7 +140,42 @@ impl TcpConn {
     /// is full (the client is not reading).
     pub(super) fn send_parked(&self, message: &[u8]) -> bool {
         self.parked.set(self.parked.get().saturating_sub(1));
-        self.frames.try_send(frame(message)).is_ok()
+        self.frames.try_send(self.spare.frame(message)).is_ok()
+    }
+}
+
+/// One connection's reply buffers, reused: the writer gives each back once written, so a
+/// connection that keeps asking allocates a reply buffer only when more answers are queued at
+/// once than ever before (STYLE §2: a cache hit allocates nothing, over TCP too). At most
+/// [`SPARE_BUFFERS`] are kept, none larger than [`SPARE_BYTES`] (a 64 KiB answer's buffer is
+/// freed after it is written), so an idle connection holds little.
+#[derive(Debug, Default)]
+pub struct Spare(RefCell<Vec<Vec<u8>>>);
+
+/// Reply buffers a connection keeps for reuse.
+pub const SPARE_BUFFERS: usize = 8;
+
+/// Largest reply buffer a connection keeps for reuse: a UDP-sized answer and its prefix.
+pub const SPARE_BYTES: usize = 4096 + 2;
+
+impl Spare {
+    /// `message` with its 2-byte TCP length prefix (RFC 1035 §4.2.2), in a spare buffer if
+    /// there is one.
+    pub fn frame(&self, message: &[u8]) -> Vec<u8> {
+        let mut framed = self.0.borrow_mut().pop().unwrap_or_default();
+        framed.clear();
+        framed.reserve(message.len() + 2);
+        framed.extend_from_slice(&(message.len() as u16).to_be_bytes());
+        framed.extend_from_slice(message);
+        framed
+    }
+
+    /// Takes back a written buffer for the next [`Spare::frame`].
+    pub fn give_back(&self, framed: Vec<u8>) {
+        let mut spare = self.0.borrow_mut();
+        if spare.len() < SPARE_BUFFERS && framed.capacity() <= SPARE_BYTES {
+            spare.push(framed);
+        }
     }
 }
 
@@ -148,21 +190,52 @@ enum TcpOutcome {
 }
 
 impl Shared {
-    /// Handles one query from a TCP connection.
-    fn handle_query(&mut self, message: &[u8], now: Instant, origin: Origin) -> TcpOutcome {
+    /// Handles one query from a TCP connection; a reply is framed in one of `spare`'s buffers.
+    fn handle_query(
+        &mut self,
+        message: &[u8],
+        now: Instant,
+        origin: Origin,
+        spare: &Spare,
+    ) -> TcpOutcome {
         let Shared { handler, out, .. } = self;
         match handler.handle_query(message, now, origin, &mut out[..]) {
-            Action::Reply { len } => TcpOutcome::Reply(frame(&out[..len])),
+            Action::Reply { len } => TcpOutcome::Reply(spare.frame(&out[..len])),
             Action::Parked => TcpOutcome::Parked,
             Action::Drop(_) => TcpOutcome::Nothing,
         }
     }
 }
 
-/// A DNS message with its 2-byte TCP length prefix (RFC 1035 §4.2.2).
-pub(super) fn frame(message: &[u8]) -> Vec<u8> {
-    let mut framed = Vec::with_capacity(message.len() + 2);
-    framed.extend_from_slice(&(message.len() as u16).to_be_bytes());
-    framed.extend_from_slice(message);
-    framed
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_carry_the_length_prefix() {
+        let spare = Spare::default();
+        assert_eq!(spare.frame(&[7, 8, 9]), vec![0, 3, 7, 8, 9]);
+        let long = vec![1u8; 300];
+        assert_eq!(&spare.frame(&long)[..2], &[1, 44]);
+    }
+
+    #[test]
+    fn written_buffers_are_reused_and_big_or_surplus_ones_freed() {
+        let spare = Spare::default();
+        let first = spare.frame(&[1; 100]);
+        let address = first.as_ptr();
+        spare.give_back(first);
+        let again = spare.frame(&[2; 90]);
+        assert_eq!(again.as_ptr(), address, "the written buffer is reused");
+        assert_eq!(again, [&[0u8, 90][..], &[2; 90][..]].concat());
+        spare.give_back(spare.frame(&vec![3; SPARE_BYTES]));
+        assert!(
+            spare.0.borrow().is_empty(),
+            "a buffer past SPARE_BYTES is freed"
+        );
+        for _ in 0..SPARE_BUFFERS + 3 {
+            spare.give_back(Vec::with_capacity(64));
+        }
+        assert_eq!(spare.0.borrow().len(), SPARE_BUFFERS);
+    }
 }
