@@ -886,6 +886,11 @@ fn ringdns_series(out: &mut Families, sources: &Sources, now: Instant) {
         total(Counter::Overloaded),
     );
     out.counter(
+        "ringdns_worker_udp_queries_too_long_total",
+        "UDP queries longer than the receive buffer, answered TC=1 so the client asks over TCP.",
+        total(Counter::TooLong),
+    );
+    out.counter(
         "ringdns_worker_dropped_queries_total",
         "Packets dropped without a reply, by reason.",
         by(

@@ -646,6 +646,36 @@ pub fn write_error(
     Some(len + opt)
 }
 
+/// Answers a UDP query that was longer than the receive buffer, of which only `prefix` (its
+/// start) was read: TC=1 with the question echoed when the prefix holds it, no records, no
+/// OPT (it was cut off), so the client asks again over TCP (RFC 7766 §5), where the query is
+/// read whole. Returns the length, or `None` for a response or a prefix too short for a
+/// header (dropped, as [`write_error`] does).
+pub fn write_too_long(prefix: &[u8], out: &mut [u8]) -> Option<usize> {
+    let in_header = Header::for_message_slice(prefix.get(..HEADER_LEN)?);
+    if in_header.qr() {
+        return None;
+    }
+    let one_question = HeaderCounts::for_message_slice(prefix.get(..HEADER_LEN)?).qdcount() == 1;
+    let question_end = one_question
+        .then(|| wire::uncompressed_name_end(prefix, HEADER_LEN))
+        .flatten()
+        .map(|end| end + 4)
+        .filter(|&end| end <= prefix.len() && end <= out.len());
+    let len = question_end.unwrap_or(HEADER_LEN);
+    out.get_mut(..len)?.copy_from_slice(prefix.get(..len)?);
+    finish_header(
+        out,
+        false,
+        Rcode::NOERROR,
+        [u16::from(question_end.is_some()), 0, 0, 0],
+    );
+    let header = Header::for_message_slice_mut(out);
+    header.set_rd(in_header.rd());
+    header.set_tc(true);
+    Some(len)
+}
+
 /// Writes a SERVFAIL reply to `query` into `out` (question echoed, OPT iff the query had one).
 pub fn write_servfail(query: &Query<'_>, udp_payload: u16, out: &mut [u8]) -> usize {
     let len = query.question_end.min(HEADER_LEN + query.qname.len() + 4);

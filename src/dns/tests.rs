@@ -270,6 +270,46 @@ fn error_replies() {
 }
 
 #[test]
+fn over_long_query_gets_tc_with_the_question() {
+    let mut out = [0u8; 512];
+    let whole = query("Svc.Test", 1, Some((1232, 0, false)));
+    // Only the start was read: cut inside the OPT record.
+    let prefix = &whole[..whole.len() - 5];
+    let len = write_too_long(prefix, &mut out).expect("answered");
+    let question_end = HEADER_LEN + name("Svc.Test").len() + 4;
+    assert_eq!(len, question_end, "header and question, no OPT");
+    assert_eq!(&out[..2], &whole[..2], "ID");
+    assert_eq!(
+        &out[HEADER_LEN..len],
+        &whole[HEADER_LEN..question_end],
+        "question as asked"
+    );
+    let header = Header::for_message_slice(&out[..len]);
+    assert!(header.qr() && header.tc() && header.rd() && header.ra() && !header.aa());
+    assert_eq!(header.rcode(), Rcode::NOERROR);
+    let counts = HeaderCounts::for_message_slice(&out[..len]);
+    assert_eq!(
+        (
+            counts.qdcount(),
+            counts.ancount(),
+            counts.nscount(),
+            counts.arcount()
+        ),
+        (1, 0, 0, 0)
+    );
+    // Cut inside the question: the header alone, still TC=1.
+    let len = write_too_long(&whole[..HEADER_LEN + 3], &mut out).expect("answered");
+    assert_eq!(len, HEADER_LEN);
+    assert!(Header::for_message_slice(&out[..len]).tc());
+    assert_eq!(HeaderCounts::for_message_slice(&out[..len]).qdcount(), 0);
+    // A response or less than a header: nothing.
+    let mut response = whole.clone();
+    response[2] |= 0x80;
+    assert_eq!(write_too_long(&response, &mut out), None);
+    assert_eq!(write_too_long(&whole[..5], &mut out), None);
+}
+
+#[test]
 fn upstream_query_is_lower_case_with_opt() {
     let q = query("SvC.Test", 28, Some((4096, 0, true)));
     let parsed = Query::parse(&q).expect("valid");

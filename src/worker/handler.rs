@@ -323,6 +323,28 @@ impl Handler {
         self.stats.set_cache_entries(self.shard.len());
     }
 
+    /// Handles a UDP query longer than the receive buffer, of which only `prefix` was read:
+    /// TC=1 with the question (the client asks again over TCP), or a drop when even the
+    /// prefix is not a query. Counted as a UDP query and in [`Counter::TooLong`].
+    pub fn handle_too_long(&mut self, prefix: &[u8], out: &mut [u8]) -> Action {
+        self.stats.bump(Counter::UdpQueries);
+        match dns::write_too_long(prefix, out) {
+            Some(len) => {
+                self.stats.bump(Counter::TooLong);
+                Action::Reply { len }
+            }
+            None => {
+                let response = prefix.get(2).is_some_and(|flags| flags & 0x80 != 0);
+                let rejection = if response {
+                    Rejection::IsResponse
+                } else {
+                    Rejection::TooShort
+                };
+                self.reject(prefix, rejection, out)
+            }
+        }
+    }
+
     /// Turns a rejected query into an error reply or a drop.
     fn reject(&mut self, bytes: &[u8], rejection: Rejection, out: &mut [u8]) -> Action {
         let counter = match rejection {

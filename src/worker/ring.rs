@@ -703,7 +703,7 @@ impl RingUdp {
         let Ok(message) = RecvMsgOut::parse(filled, &self.recv_msghdr) else {
             return;
         };
-        if message.is_payload_truncated() || message.is_name_data_truncated() {
+        if message.is_name_data_truncated() {
             stats.bump(Counter::DropTooShort);
             return;
         }
@@ -716,7 +716,14 @@ impl RingUdp {
         };
         let socket = socket as u16;
         let origin = Origin::Udp { socket, peer };
-        match handler.handle_query(message.payload_data(), now, origin, self.slots.buffer(slot)) {
+        let query = message.payload_data();
+        let action = if message.is_payload_truncated() {
+            // Longer than a receive buffer: TC=1, the client asks again over TCP.
+            handler.handle_too_long(query, self.slots.buffer(slot))
+        } else {
+            handler.handle_query(query, now, origin, self.slots.buffer(slot))
+        };
+        match action {
             Action::Reply { len } => {
                 if !self.submit_slot(socket, slot, len, peer) {
                     stats.bump(Counter::SendErrors);

@@ -52,6 +52,9 @@ pub enum Counter {
     BadVers,
     /// UDP replies sent with TC=1.
     Truncated,
+    /// UDP queries longer than the receive buffer (only their start was read), answered
+    /// TC=1 with the question so the client asks again over TCP.
+    TooLong,
     /// Replies that could not be sent (socket full, send slots exhausted).
     SendErrors,
     /// TCP connections accepted.

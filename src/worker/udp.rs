@@ -19,7 +19,7 @@ use super::Shared;
 /// Datagrams handled per readiness event before yielding to the worker's other tasks.
 const BATCH: usize = 64;
 
-/// Largest UDP query accepted (bigger ones are truncated by the kernel and fail to parse).
+/// Largest UDP query read whole; a longer one is answered TC=1 (the client asks over TCP).
 pub const QUERY_MAX: usize = 4096;
 
 /// The epoll backend's UDP sockets, one per listen address.
@@ -78,7 +78,8 @@ impl EpollUdp {
 
 /// Receives and answers queries on socket `index` until the worker stops.
 pub(super) async fn receive_loop(shared: Rc<RefCell<Shared>>, socket: Rc<UdpSocket>, index: u16) {
-    let mut query = vec![0u8; QUERY_MAX];
+    // One byte more than QUERY_MAX: a datagram that fills it was longer (the kernel cut it).
+    let mut query = vec![0u8; QUERY_MAX + 1];
     loop {
         if socket.readable().await.is_err() {
             return;
@@ -109,9 +110,13 @@ fn receive_batch(shared: &RefCell<Shared>, socket: &UdpSocket, index: u16, query
                 stats,
                 ..
             } = &mut *state;
-            if let Action::Reply { len } =
-                handler.handle_query(&query[..len], now, origin, &mut out[..])
-            {
+            let read = query.get(..len.min(QUERY_MAX)).unwrap_or_default();
+            let action = if len > QUERY_MAX {
+                handler.handle_too_long(read, &mut out[..])
+            } else {
+                handler.handle_query(read, now, origin, &mut out[..])
+            };
+            if let Action::Reply { len } = action {
                 if socket.try_send_to(&out[..len], peer).is_err() {
                     stats.bump(Counter::SendErrors);
                 }
