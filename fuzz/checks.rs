@@ -292,6 +292,20 @@ pub(crate) fn query(data: &[u8]) {
     }
     // The same bytes once cached entries have aged (and the denial ones expired).
     handle_and_check(&mut handler, data, now + Duration::from_secs(10), udp());
+    // The same bytes as the start of a UDP query too long to read whole: TC=1 and the
+    // question at most, well-formed, within the 512 bytes every client takes.
+    let mut out = vec![0u8; 65535];
+    if let Action::Reply { len } = handler.handle_too_long(data, &mut out) {
+        let reply = &out[..len];
+        assert!(len <= 512, "a TC reply to a cut query of {len} bytes");
+        check_response(reply, data);
+        let message = Message::from_slice(reply).expect("check_response parsed it");
+        let counts = message.header_counts();
+        assert!(
+            message.header().tc() && counts.ancount() + counts.nscount() + counts.arcount() == 0,
+            "a cut query's reply without TC or with records: {reply:02x?}"
+        );
+    }
 }
 
 /// `data[0]` picks a question of [`QUESTIONS`] (and bit 7 an OPT record in the client's
