@@ -77,6 +77,24 @@ impl Lines {
         self.snapshot().join("\n")
     }
 
+    /// Waits at most `timeout` for the pipe to close (the process and every holder of its
+    /// write end are gone), so that the last lines written are in; whether it closed.
+    pub fn wait_closed(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (lock, condvar) = &*self.inner;
+        let mut guard = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let now = Instant::now();
+            if guard.closed || now >= deadline {
+                return guard.closed;
+            }
+            guard = condvar
+                .wait_timeout(guard, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
     /// Waits at most `timeout` for a line satisfying `matches`, returning the first one.
     ///
     /// Returns `None` on timeout or when the pipe closed without such a line.

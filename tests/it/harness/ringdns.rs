@@ -461,6 +461,9 @@ impl Ringdns {
             return Ok(());
         };
         let status = stop_child(&mut child, STOP_GRACE)?;
+        // The reader thread may still be copying the last lines (the exit log) out of the
+        // pipe: callers read the log right after this (a race seen once in CI).
+        self.stderr.wait_closed(STOP_GRACE);
         check_exit(status, &self.stderr)
     }
 
@@ -491,12 +494,17 @@ impl Ringdns {
         Ok(Duration::from_millis(ticks * 1000 / hz))
     }
 
-    /// Whether the process is still running.
+    /// Whether the process is still running. Once it has exited, its last lines are in
+    /// [`Ringdns::stderr`] before this says so.
     pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
+        let running = match self.child.as_mut() {
             Some(child) => matches!(child.try_wait(), Ok(None)),
             None => false,
+        };
+        if !running {
+            self.stderr.wait_closed(STOP_GRACE);
         }
+        running
     }
 }
 
