@@ -84,6 +84,22 @@ pub enum Rejection {
     NotImp,
     /// Answer BADVERS (RFC 6891 §6.1.3): EDNS version other than 0.
     BadVers,
+    /// A UDP query longer than the receive buffer, of which only the start was read: answer
+    /// TC=1 with the question (no OPT, it was cut off), so the client asks again over TCP
+    /// (RFC 7766 §5), where the query is read whole.
+    TooLong,
+}
+
+impl Rejection {
+    /// How to answer a UDP query of which only `prefix` was read: dropped when the prefix is
+    /// shorter than a header or a response, else [`Rejection::TooLong`].
+    pub fn of_cut_query(prefix: &[u8]) -> Rejection {
+        match prefix.get(..HEADER_LEN) {
+            None => Rejection::TooShort,
+            Some(header) if Header::for_message_slice(header).qr() => Rejection::IsResponse,
+            Some(_) => Rejection::TooLong,
+        }
+    }
 }
 
 impl<'a> Query<'a> {
@@ -598,7 +614,8 @@ fn write_opt(
 /// `None` when the query gets no reply at all (too short, or a response).
 ///
 /// The reply echoes the question when it parsed (RFC 1035 §4.1.1 leaves it optional; resolvers
-/// match on it), and carries an OPT record when the query had a parseable one.
+/// match on it), and carries an OPT record when the query had a parseable one; TC=1 (and no
+/// OPT) for [`Rejection::TooLong`].
 pub fn write_error(
     bytes: &[u8],
     rejection: Rejection,
@@ -609,11 +626,13 @@ pub fn write_error(
         Rejection::TooShort | Rejection::IsResponse => return None,
         Rejection::FormErr => Rcode::FORMERR,
         Rejection::NotImp => Rcode::NOTIMP,
-        Rejection::BadVers => Rcode::NOERROR,
+        Rejection::BadVers | Rejection::TooLong => Rcode::NOERROR,
     };
     let in_header = Header::for_message_slice(bytes.get(..HEADER_LEN)?);
     let question_end = match rejection {
         Rejection::FormErr => None,
+        // Only the start of a too-long query was read: echo a question only if it has one.
+        Rejection::TooLong if HeaderCounts::for_message_slice(bytes).qdcount() != 1 => None,
         _ => wire::uncompressed_name_end(bytes, HEADER_LEN).map(|end| end + 4),
     }
     .filter(|&end| end <= bytes.len() && end <= out.len());
@@ -625,7 +644,9 @@ pub fn write_error(
         rcode,
         [u16::from(question_end.is_some()), 0, 0, 0],
     );
-    Header::for_message_slice_mut(out).set_rd(in_header.rd());
+    let header = Header::for_message_slice_mut(out);
+    header.set_rd(in_header.rd());
+    header.set_tc(rejection == Rejection::TooLong);
     // NOTIMP echoes the query's OPT (RFC 6891 §6.1.1: a responder that understands EDNS
     // answers with OPT); a FORMERR query's OPT may be the malformed part, so none is read.
     let edns = match rejection {
@@ -644,36 +665,6 @@ pub fn write_error(
         (_, None) => 0,
     };
     Some(len + opt)
-}
-
-/// Answers a UDP query that was longer than the receive buffer, of which only `prefix` (its
-/// start) was read: TC=1 with the question echoed when the prefix holds it, no records, no
-/// OPT (it was cut off), so the client asks again over TCP (RFC 7766 §5), where the query is
-/// read whole. Returns the length, or `None` for a response or a prefix too short for a
-/// header (dropped, as [`write_error`] does).
-pub fn write_too_long(prefix: &[u8], out: &mut [u8]) -> Option<usize> {
-    let in_header = Header::for_message_slice(prefix.get(..HEADER_LEN)?);
-    if in_header.qr() {
-        return None;
-    }
-    let one_question = HeaderCounts::for_message_slice(prefix.get(..HEADER_LEN)?).qdcount() == 1;
-    let question_end = one_question
-        .then(|| wire::uncompressed_name_end(prefix, HEADER_LEN))
-        .flatten()
-        .map(|end| end + 4)
-        .filter(|&end| end <= prefix.len() && end <= out.len());
-    let len = question_end.unwrap_or(HEADER_LEN);
-    out.get_mut(..len)?.copy_from_slice(prefix.get(..len)?);
-    finish_header(
-        out,
-        false,
-        Rcode::NOERROR,
-        [u16::from(question_end.is_some()), 0, 0, 0],
-    );
-    let header = Header::for_message_slice_mut(out);
-    header.set_rd(in_header.rd());
-    header.set_tc(true);
-    Some(len)
 }
 
 /// Writes a SERVFAIL reply to `query` into `out` (question echoed, OPT iff the query had one).

@@ -275,7 +275,10 @@ fn over_long_query_gets_tc_with_the_question() {
     let whole = query("Svc.Test", 1, Some((1232, 0, false)));
     // Only the start was read: cut inside the OPT record.
     let prefix = &whole[..whole.len() - 5];
-    let len = write_too_long(prefix, &mut out).expect("answered");
+    let too_long = |bytes: &[u8], out: &mut [u8]| {
+        write_error(bytes, Rejection::of_cut_query(bytes), 1232, out)
+    };
+    let len = too_long(prefix, &mut out).expect("answered");
     let question_end = HEADER_LEN + name("Svc.Test").len() + 4;
     assert_eq!(len, question_end, "header and question, no OPT");
     assert_eq!(&out[..2], &whole[..2], "ID");
@@ -298,15 +301,15 @@ fn over_long_query_gets_tc_with_the_question() {
         (1, 0, 0, 0)
     );
     // Cut inside the question: the header alone, still TC=1.
-    let len = write_too_long(&whole[..HEADER_LEN + 3], &mut out).expect("answered");
+    let len = too_long(&whole[..HEADER_LEN + 3], &mut out).expect("answered");
     assert_eq!(len, HEADER_LEN);
     assert!(Header::for_message_slice(&out[..len]).tc());
     assert_eq!(HeaderCounts::for_message_slice(&out[..len]).qdcount(), 0);
     // A response or less than a header: nothing.
     let mut response = whole.clone();
     response[2] |= 0x80;
-    assert_eq!(write_too_long(&response, &mut out), None);
-    assert_eq!(write_too_long(&whole[..5], &mut out), None);
+    assert_eq!(too_long(&response, &mut out), None);
+    assert_eq!(too_long(&whole[..5], &mut out), None);
 }
 
 #[test]

@@ -328,21 +328,7 @@ impl Handler {
     /// prefix is not a query. Counted as a UDP query and in [`Counter::TooLong`].
     pub fn handle_too_long(&mut self, prefix: &[u8], out: &mut [u8]) -> Action {
         self.stats.bump(Counter::UdpQueries);
-        match dns::write_too_long(prefix, out) {
-            Some(len) => {
-                self.stats.bump(Counter::TooLong);
-                Action::Reply { len }
-            }
-            None => {
-                let response = prefix.get(2).is_some_and(|flags| flags & 0x80 != 0);
-                let rejection = if response {
-                    Rejection::IsResponse
-                } else {
-                    Rejection::TooShort
-                };
-                self.reject(prefix, rejection, out)
-            }
-        }
+        self.reject(prefix, Rejection::of_cut_query(prefix), out)
     }
 
     /// Turns a rejected query into an error reply or a drop.
@@ -353,6 +339,7 @@ impl Handler {
             Rejection::FormErr => Counter::FormErr,
             Rejection::NotImp => Counter::NotImp,
             Rejection::BadVers => Counter::BadVers,
+            Rejection::TooLong => Counter::TooLong,
         };
         self.stats.bump(counter);
         match dns::write_error(bytes, rejection, self.settings.udp_payload, out) {
