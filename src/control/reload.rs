@@ -6,8 +6,9 @@
 //! An invalid file is logged (`error`, naming file, line and key), counted in
 //! `coredns_reload_failed_total` and ignored: the old configuration stays in force. A valid one
 //! is applied part by part: handler settings (cache limits, payload size, miss deadline) and
-//! serving limits (TCP limits, `batch_wait`) go to every worker in one [`Command::Reload`]; `[[forward]]` changes swap in a new
-//! forwarder on `ringdns-ctl` ([`UpstreamSide::reconfigure`]); new listen addresses are put on
+//! serving limits (TCP limits, `batch_wait`) go to every worker in one [`Command::Reload`];
+//! `[[forward]]` changes swap in a new forwarder on `ringdns-ctl`
+//! ([`UpstreamSide::reconfigure`]); new listen addresses are put on
 //! the node interface (if managed), bound per worker and handed over with their stable socket
 //! index, removed ones stop receiving and close; zone or listen changes bring a new metrics
 //! [`Layout`] (append-only server list) with fresh counters. `workers`, `io`,

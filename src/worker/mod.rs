@@ -886,13 +886,13 @@ fn ring_turn(shared: &RefCell<Shared>) -> bool {
             if !ring.unmute() {
                 return false;
             }
-            // Work arrived while muted: it would not wake us. Handle it now (after the
-            // worker's other tasks if this turn is already long).
+            // Work arrived while muted: it would not wake us. Its completions are in the
+            // queue already (unmute ran the task work); handle them now, after the worker's
+            // other tasks if this turn is already long.
             ring.mute();
             if now.duration_since(turn) >= TURN {
                 return true;
             }
-            ring.start_turn();
             now = Instant::now();
             continue;
         }
