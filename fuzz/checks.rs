@@ -102,7 +102,7 @@ pub(crate) fn stub_query(id: u16, name: &str, qtype: u16, edns: bool) -> Vec<u8>
 
 /// A valid answer to `upstream_query` (ringdns' own query upstream): NOERROR with one A record
 /// (TTL 30) for an A question, NODATA otherwise; the question copied, OPT dropped.
-fn valid_answer(upstream_query: &[u8]) -> Vec<u8> {
+pub(crate) fn valid_answer(upstream_query: &[u8]) -> Vec<u8> {
     // ringdns writes the qname uncompressed: labels up to the root label.
     let mut name_end = 12;
     while let Some(&len) = upstream_query.get(name_end).filter(|&&len| len != 0) {

@@ -124,6 +124,31 @@ def answers():
     return out
 
 
+def scripts():
+    """`exchanges` scripts (fuzz/exchanges.rs): first the configuration and timeout bytes,
+    then operations: 0 start(question), 1 answer(sent, how), 2 raw(socket, len, bytes...),
+    3 mangle(sent, at, value), 4 error(socket, errno), 5 advance(step), 6 toggle full,
+    7 toggle unreachable(upstream), 8 reload(configuration, timeout)."""
+    start = lambda q: bytes([0, q])
+    answer = lambda sent, how=0: bytes([1, sent, how])
+    advance = lambda step: bytes([5, step])  # 8: 250 ms, 10: 500 ms, 11: 1 s, 13: 3 s
+    error = lambda socket, errno=0: bytes([4, socket, errno])  # errno 0: ECONNREFUSED
+    return {
+        "answered": bytes([0, 7]) + start(0) + answer(0),
+        "two-then-late": bytes([0, 7]) + start(2) + start(3) + advance(8) * 3 + answer(0) + answer(1),
+        "refused-failover": bytes([0, 7]) + start(0) + error(0) + answer(0) + error(1, 1),
+        "truncated-cut-long": bytes([0, 7]) + start(0) + answer(0, 2) + start(1) + answer(0, 3) + start(2) + answer(0, 4),
+        "garbage": bytes([0, 7]) + start(0) + bytes([2, 0, 12]) + bytes(range(12)) + bytes([3, 0, 2, 0])
+        + answer(0, 6) + answer(0, 7) + answer(0, 8) + answer(0, 5),
+        "timeouts": bytes([2, 11]) + start(0) + start(1) + start(5) + advance(11) * 3 + advance(13),
+        "no-send-slot": bytes([0, 7]) + bytes([6]) + start(0) + advance(1) + bytes([6]) + advance(8) + answer(0),
+        "unreachable": bytes([0, 7]) + bytes([7, 0]) + start(0) + advance(11) + answer(0),
+        "reload": bytes([0, 7]) + start(0) + bytes([8, 1, 3]) + start(0) + start(5) + answer(1) + advance(13),
+        "zones": bytes([1, 7]) + start(4) + start(0) + start(5) + answer(0) + answer(1),
+        "retransmit-echo": bytes([0, 7]) + start(0) + advance(8) * 2 + advance(10) + answer(0) + answer(1),
+    }
+
+
 def write(target, seeds):
     directory = os.path.join(HERE, "corpus", target)
     os.makedirs(directory, exist_ok=True)
@@ -134,3 +159,4 @@ def write(target, seeds):
 
 write("query", queries())
 write("upstream_answer", answers())
+write("exchanges", scripts())

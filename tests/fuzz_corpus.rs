@@ -7,6 +7,8 @@
 
 #[path = "../fuzz/checks.rs"]
 mod checks;
+#[path = "../fuzz/exchanges.rs"]
+mod exchanges;
 
 use std::path::{Path, PathBuf};
 
@@ -112,4 +114,9 @@ fn queries_from_clients() {
 #[test]
 fn answers_from_upstream() {
     run("upstream_answer", checks::upstream_answer);
+}
+
+#[test]
+fn exchanges_with_upstreams() {
+    run("exchanges", exchanges::exchanges);
 }
