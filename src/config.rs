@@ -428,7 +428,21 @@ impl Config {
             var: &|name| std::env::var(name).ok(),
             read: &|path| std::fs::read_to_string(path),
         };
-        parse_with(text, source, &host)
+        Config::parse_with(text, source, &host)
+    }
+
+    /// [`Config::parse`] with the environment and the file system given by `host` instead of
+    /// the process's: for tests and the fuzz target, which must not read arbitrary files.
+    pub fn parse_with(
+        text: &str,
+        source: Option<&Path>,
+        host: &Host<'_>,
+    ) -> Result<Config, ConfigError> {
+        let document = Document { text, source, host };
+        let tree = DeTable::parse(text).map_err(|error| document.toml_error(&error, None))?;
+        let raw = RawConfig::deserialize(toml::de::Deserializer::from(tree.clone()))
+            .map_err(|error| document.toml_error(&error, Some(tree.get_ref())))?;
+        document.config(raw)
     }
 
     /// The effective configuration as TOML that [`Config::parse`] accepts: every key, resolv.conf
@@ -978,22 +992,15 @@ fn parse_duration_value(s: &str) -> Result<Duration, DurationProblem> {
     }
 }
 
-/// The outside world parsing reads: environment variables and resolv.conf files. Tests pass
-/// fakes so they never mutate the process environment (tests run in parallel threads).
-struct Host<'a> {
-    /// Value of an environment variable, `None` if unset.
-    var: &'a dyn Fn(&str) -> Option<String>,
-    /// Contents of a file (resolv.conf upstreams).
-    read: &'a dyn Fn(&Path) -> io::Result<String>,
-}
-
-/// Parses `text` (from `source`) against `host`: [`Config::parse`] with the world injected.
-fn parse_with(text: &str, source: Option<&Path>, host: &Host<'_>) -> Result<Config, ConfigError> {
-    let document = Document { text, source, host };
-    let tree = DeTable::parse(text).map_err(|error| document.toml_error(&error, None))?;
-    let raw = RawConfig::deserialize(toml::de::Deserializer::from(tree.clone()))
-        .map_err(|error| document.toml_error(&error, Some(tree.get_ref())))?;
-    document.config(raw)
+/// The outside world parsing reads: environment variables (`${VAR}`) and files (resolv.conf
+/// upstreams, and `/etc/resolv.conf` when the file has no `[[forward]]`). [`Config::parse`]
+/// uses the process's; [`Config::parse_with`] takes fakes, so tests never mutate the process
+/// environment (they run in parallel threads) and the fuzz target reads no file its input names.
+pub struct Host<'a> {
+    /// Value of an environment variable, `None` if unset (or not UTF-8).
+    pub var: &'a dyn Fn(&str) -> Option<String>,
+    /// Contents of a file (a resolv.conf upstream).
+    pub read: &'a dyn Fn(&Path) -> io::Result<String>,
 }
 
 /// The raw file: every section optional.
@@ -2128,7 +2135,7 @@ mod tests {
             var: &var,
             read: &read,
         };
-        parse_with(text, source.map(Path::new), &host)
+        Config::parse_with(text, source.map(Path::new), &host)
     }
 
     /// Parses `text` from `/etc/ringdns.toml` with only the fake `/etc/resolv.conf`.
