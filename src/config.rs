@@ -855,7 +855,8 @@ pub enum Problem {
     AddressTaken {
         /// The shared address.
         addr: SocketAddr,
-        /// The key already using it (`health.listen`, `server.listen[0]`).
+        /// The key already using it (`health.listen`, `server.listen[0]`, or an endpoint absent
+        /// from the file with its default: `metrics.listen (default: 0.0.0.0:9253)`).
         other: String,
     },
     /// A resolv.conf upstream could not be read.
@@ -1242,7 +1243,7 @@ impl Document<'_> {
 
     /// Converts and validates the raw file.
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        let server = self.server(raw.server.unwrap_or_else(RawServer::absent))?;
+        let (server, listen_lines) = self.server(raw.server.unwrap_or_else(RawServer::absent))?;
         let cache = self.cache(raw.cache.unwrap_or_else(RawCache::absent))?;
         let forward = match raw.forward {
             Some(entries) => self.forward_zones(entries)?,
@@ -1269,6 +1270,7 @@ impl Document<'_> {
             raw.health.unwrap_or_default(),
             raw.metrics.unwrap_or_default(),
             &server.listen,
+            &listen_lines,
         )?;
         Ok(Config {
             source: self.source.map(Path::to_path_buf),
@@ -1380,12 +1382,14 @@ impl Document<'_> {
 
     /// Validates `[health]` and `[metrics]`: addresses (`""` = the first listen IP on port
     /// 8080 for health, off for metrics) that do not clash with `server.listen` (whose TCP
-    /// listeners share the port space). Health and metrics may share one address.
+    /// listeners share the port space), whose entries are on `listen_lines`. Health and metrics
+    /// may share one address.
     fn endpoints(
         &self,
         health: RawHealth,
         metrics: RawMetrics,
         listen: &[SocketAddr],
+        listen_lines: &[usize],
     ) -> Result<(HealthConfig, MetricsConfig), ConfigError> {
         let first = listen.first().copied().unwrap_or(DEFAULT_LISTEN[0]);
         let default_health = SocketAddr::new(first.ip(), DEFAULT_HEALTH_PORT);
@@ -1401,25 +1405,40 @@ impl Document<'_> {
         };
         let health_span = health.listen.as_ref().map(Spanned::span);
         let metrics_span = metrics.listen.as_ref().map(Spanned::span);
-        let taken = |addr: SocketAddr, key: &str, span: Option<Range<usize>>, other: String| {
+        // The endpoint `key` has `addr`, which server.listen's entry `index` has too. If the
+        // endpoint is given (its value spans `span`), the error is there; if it is absent, the
+        // file has no line for it, so the error is at the listen entry and names the endpoint
+        // with its `default`. (The default listen never clashes with the default endpoints.)
+        let taken = |addr, key: &str, span: Option<Range<usize>>, index: usize, default: &str| {
+            let listen_key = format!("server.listen[{index}]");
+            let (line, key, other) = match span {
+                Some(span) => (Some(self.line(span.start)), key.to_owned(), listen_key),
+                None => (
+                    listen_lines.get(index).copied(),
+                    listen_key,
+                    format!("{key} (default: {default})"),
+                ),
+            };
             ConfigError::Invalid {
                 at: Location {
                     file: self.source.map(Path::to_path_buf),
-                    line: span.map(|span| self.line(span.start)),
-                    key: Some(key.to_owned()),
+                    line,
+                    key: Some(key),
                 },
                 problem: Box::new(Problem::AddressTaken { addr, other }),
             }
         };
         if let Some(index) = listen.iter().position(|addr| *addr == health_listen) {
-            let other = format!("server.listen[{index}]");
-            return Err(taken(health_listen, "health.listen", health_span, other));
+            let default = format!("the first listen IP, port {DEFAULT_HEALTH_PORT}");
+            let key = "health.listen";
+            return Err(taken(health_listen, key, health_span, index, &default));
         }
         // metrics.listen may equal health.listen: one HTTP listener then serves both.
         if let Some(metrics_addr) = metrics_listen {
             if let Some(index) = listen.iter().position(|addr| *addr == metrics_addr) {
-                let other = format!("server.listen[{index}]");
-                return Err(taken(metrics_addr, "metrics.listen", metrics_span, other));
+                let default = DEFAULT_METRICS_LISTEN.to_string();
+                let key = "metrics.listen";
+                return Err(taken(metrics_addr, key, metrics_span, index, &default));
             }
         }
         Ok((
@@ -1455,11 +1474,12 @@ impl Document<'_> {
         })
     }
 
-    /// Validates `[server]`.
-    fn server(&self, raw: RawServer) -> Result<ServerConfig, ConfigError> {
-        let listen = match raw.listen {
-            Some(list) => self.listen(list)?,
-            None => DEFAULT_LISTEN.to_vec(),
+    /// Validates `[server]`; also returns the line of each `server.listen` entry (none for the
+    /// default), where a clash with an implied `[health]` or `[metrics]` address is reported.
+    fn server(&self, raw: RawServer) -> Result<(ServerConfig, Vec<usize>), ConfigError> {
+        let (listen, lines) = match raw.listen {
+            Some(list) => self.listen(list)?.into_iter().unzip(),
+            None => (DEFAULT_LISTEN.to_vec(), Vec::new()),
         };
         let io = match raw.io {
             None => DEFAULT_IO,
@@ -1479,7 +1499,7 @@ impl Document<'_> {
                 }
             },
         };
-        Ok(ServerConfig {
+        let server = ServerConfig {
             listen,
             workers: self.integer(&WORKERS, raw.workers, WORKERS.key)?,
             io,
@@ -1500,11 +1520,15 @@ impl Document<'_> {
                 UDP_RECEIVE_BUFFER.key,
             )?,
             batch_wait: self.duration(&BATCH_WAIT, raw.batch_wait, BATCH_WAIT.key)?,
-        })
+        };
+        Ok((server, lines))
     }
 
-    /// Validates `server.listen`: non-empty socket addresses, no duplicates.
-    fn listen(&self, list: Spanned<Vec<Spanned<String>>>) -> Result<Vec<SocketAddr>, ConfigError> {
+    /// Validates `server.listen`: non-empty socket addresses, no duplicates; each with its line.
+    fn listen(
+        &self,
+        list: Spanned<Vec<Spanned<String>>>,
+    ) -> Result<Vec<(SocketAddr, usize)>, ConfigError> {
         let span = list.span();
         let entries = list.into_inner();
         if entries.is_empty() {
@@ -1533,7 +1557,7 @@ impl Document<'_> {
             }
             seen.push((addr, self.line(entry.span().start)));
         }
-        Ok(seen.into_iter().map(|(addr, _)| addr).collect())
+        Ok(seen)
     }
 
     /// Validates `[cache]`.
@@ -2371,6 +2395,26 @@ mod tests {
         assert_eq!(
             error_of("[metrics]\nlisten = \"[::1]:5353\"\n"),
             "/etc/ringdns.toml:2: metrics.listen: [::1]:5353 is already used by server.listen[1]"
+        );
+    }
+
+    #[test]
+    fn clash_with_an_implied_endpoint_names_the_listen_line_and_key() {
+        assert_eq!(
+            error_of("[server]\nlisten = [\n  \"127.0.0.1:53\",\n  \"127.0.0.1:8080\",\n]\n"),
+            "/etc/ringdns.toml:4: server.listen[1]: 127.0.0.1:8080 is already used by \
+             health.listen (default: the first listen IP, port 8080)"
+        );
+        assert_eq!(
+            error_of("[server]\nlisten = [\"0.0.0.0:9253\"]\n[health]\nlisten = \"[::1]:8080\"\n"),
+            "/etc/ringdns.toml:2: server.listen[0]: 0.0.0.0:9253 is already used by \
+             metrics.listen (default: 0.0.0.0:9253)"
+        );
+        // health.listen = "" is in the file: the error stays there.
+        assert_eq!(
+            error_of("[server]\nlisten = [\"127.0.0.1:8080\"]\n[health]\nlisten = \"\"\n"),
+            "/etc/ringdns.toml:4: health.listen: 127.0.0.1:8080 is already used by \
+             server.listen[0]"
         );
     }
 
