@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Writes the seed corpus of the fuzz targets (fuzz/corpus/<target>/): real-shaped DNS
-queries for `query`, and for `upstream_answer` a question selector byte (see
-fuzz/checks.rs QUESTIONS) followed by an upstream answer. Run from anywhere:
-python3 fuzz/seeds.py (it rewrites the corpus; cargo fuzz adds its own finds beside them)."""
+queries for `query`, for `upstream_answer` a question selector byte (see
+fuzz/checks.rs QUESTIONS) followed by an upstream answer, and for `config` config files: the
+example, the embedded default, the DaemonSet's ConfigMap as deploy/README.md's sed commands fill
+it, small ones that together use every key, and broken ones (${VAR} and resolv.conf paths as in
+fuzz/config_checks.rs VARS and FILES). Run from anywhere: python3 fuzz/seeds.py (it rewrites the
+corpus; cargo fuzz adds its own finds beside them)."""
 import os
 import struct
 
@@ -157,6 +160,219 @@ def write(target, seeds):
             file.write(data)
 
 
+def configmap(mode):
+    """The config.toml of deploy/ringdns.yaml's ConfigMap, filled as deploy/README.md's sed
+    command for `mode` ("iptables" or "ipvs") fills it, with kube-dns at 10.96.0.10."""
+    with open(os.path.join(HERE, "..", "deploy", "ringdns.yaml")) as file:
+        manifest = file.read()
+    start = manifest.index("  config.toml: |\n") + len("  config.toml: |\n")
+    end = manifest.index("\n---", start)
+    text = "".join(line[4:] + "\n" for line in manifest[start:end].split("\n"))
+    text = text.replace("__PILLAR__LOCAL__DNS__", "169.254.20.10")
+    text = text.replace("__PILLAR__DNS__DOMAIN__", "cluster.local")
+    if mode == "ipvs":
+        text = text.replace(', "__PILLAR__DNS__SERVER__:53"', "")
+        return text.replace("__PILLAR__CLUSTER__DNS__", "10.96.0.10")
+    text = text.replace("__PILLAR__DNS__SERVER__", "10.96.0.10")
+    return text.replace("__PILLAR__CLUSTER__DNS__", "${KUBE_DNS_UPSTREAM_SERVICE_HOST}")
+
+
+def embedded_default():
+    """src/config.rs EMBEDDED_DEFAULT."""
+    with open(os.path.join(HERE, "..", "src", "config.rs")) as file:
+        source = file.read()
+    opening = 'pub const EMBEDDED_DEFAULT: &str = r#"'
+    start = source.index(opening) + len(opening)
+    return source[start:source.index('"#;', start)]
+
+
+def configs():
+    out = {}
+    with open(os.path.join(HERE, "..", "config.toml.example")) as file:
+        out["example.toml"] = file.read()
+    out["embedded-default.toml"] = embedded_default()
+    out["daemonset-iptables-mode.toml"] = configmap("iptables")
+    out["daemonset-ipvs-mode.toml"] = configmap("ipvs")
+    out["every-key.toml"] = """[server]
+listen = ["169.254.20.10:53", "[fd00::a]:53"]
+workers = 4
+io = "uring"
+udp_payload = 1400
+tcp_idle_timeout = "30s"
+max_tcp_connections = 512
+udp_receive_buffer = 8388608
+batch_wait = "100us"
+
+[cache]
+success_capacity = 4096
+success_ttl = "1m"
+denial_capacity = 1024
+denial_ttl = "10s"
+servfail_ttl = "2s"
+
+[[forward]]
+zone = "cluster.local"
+upstreams = ["10.96.0.10:53"]
+transport = "tcp"
+timeout = "1500ms"
+
+[[forward]]
+zone = "."
+upstreams = ["/etc/resolv.conf"]
+transport = "prefer_udp"
+timeout = "3s"
+
+[log]
+level = "debug"
+
+[node]
+setup_interface = true
+interface = "nodelocaldns"
+setup_iptables = true
+rules = "nftables"
+sync_interval = "30s"
+teardown = false
+fallback_service_chain = "KUBE-SVC-TCOQ7XJHQPQMWC2M"
+handover = "/run/ringdns/handover.sock"
+
+[health]
+listen = "169.254.20.10:8080"
+lameduck = "10s"
+
+[metrics]
+listen = "[fd00::a]:9253"
+"""
+    out["durations.toml"] = """[server]
+tcp_idle_timeout = "1h"
+batch_wait = "0s"
+
+[cache]
+success_ttl = "7d"
+denial_ttl = "1s"
+servfail_ttl = "30000ms"
+
+[[forward]]
+zone = "."
+upstreams = ["10.0.0.2"]
+timeout = "100000000ns"
+
+[node]
+sync_interval = "1m"
+
+[health]
+lameduck = "60000000us"
+"""
+    out["ipv6.toml"] = """[server]
+listen = ["[::1]:53", "[fd00::a]:5353", "127.0.0.1:53"]
+
+[[forward]]
+zone = "ip6.arpa."
+upstreams = ["2001:db8::1", "[2001:db8::2]", "[2001:db8::3]:5353", "fe80::1%1", "[fe80::2%lo]:53"]
+
+[[forward]]
+zone = "."
+upstreams = ["${UPSTREAM_V6}:53", "::ffff:10.0.0.2"]
+transport = "udp"
+
+[health]
+listen = ""
+
+[metrics]
+listen = "[::1]:9253"
+"""
+    out["resolv-conf-paths.toml"] = """# resolv.conf paths expand to their nameservers, duplicates removed.
+[[forward]]
+zone = "."
+upstreams = ["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf", "10.0.0.2"]
+transport = "prefer_udp"
+
+[[forward]]
+zone = "Example.COM"
+upstreams = ["/run/systemd/resolve/resolv.conf"]
+"""
+    out["env-vars.toml"] = """[server]
+listen = ["${KUBE_DNS_UPSTREAM_SERVICE_HOST}:53"]
+
+[[forward]]
+zone = "cluster.local"
+upstreams = ["${KUBE_DNS_UPSTREAM_SERVICE_HOST}", "${UPSTREAM_V6}:53", "[${UPSTREAM_V6}]:5353"]
+transport = "tcp"
+
+[health]
+listen = "${KUBE_DNS_UPSTREAM_SERVICE_HOST}:8080"
+"""
+    out["no-forward.toml"] = """# No [[forward]]: "." goes to /etc/resolv.conf.
+[server]
+listen = ["127.0.0.1:53"]
+
+[log]
+level = "warn"
+"""
+    out["inline-and-dotted.toml"] = """server.listen = ["127.0.0.1:5300"]
+server.workers = 0x2
+cache = { success_capacity = 1_000, denial_ttl = "5s" }
+forward = [
+  { zone = "cluster.local", upstreams = ["10.96.0.10"], transport = "tcp" },
+  { zone = "in-addr.arpa", upstreams = ['10.96.0.10:53'] },
+]
+log.level = 'error'
+node.teardown = true
+metrics.listen = ""
+"""
+    out["bad-unknown-key.toml"] = """[server]
+workers = 2
+
+[[forward]]
+zone = "."
+upstreams = ["10.0.0.2"]
+timeot = "1s"
+"""
+    out["bad-duration.toml"] = """[cache]
+success_ttl = "30"
+denial_ttl = 5
+servfail_ttl = "1.5s"
+"""
+    out["bad-out-of-range.toml"] = """[server]
+udp_payload = 4097
+workers = -1
+
+[cache]
+servfail_ttl = "31s"
+"""
+    out["bad-missing-variable.toml"] = """[[forward]]
+zone = "cluster.local"
+upstreams = ["${KUBE_DNS_SERVICE_HOST}:53"]
+"""
+    out["bad-missing-resolv-conf.toml"] = """[[forward]]
+zone = "."
+upstreams = ["/etc/resolv.conf.d/none"]
+"""
+    out["bad-duplicate-zone.toml"] = """[[forward]]
+zone = "cluster.local"
+upstreams = ["10.96.0.10"]
+
+[[forward]]
+zone = "Cluster.Local."
+upstreams = ["10.96.0.11"]
+"""
+    out["bad-address-taken.toml"] = """[server]
+listen = ["127.0.0.1:53", "127.0.0.1:9253"]
+
+[metrics]
+listen = "127.0.0.1:9253"
+"""
+    out["bad-syntax.toml"] = """[server
+workers = = 2
+"""
+    # Found by reading the parser while writing the config target: this error had no line
+    # (the clash is with health's implied address, the first listen IP on port 8080).
+    out["bad-listen-takes-default-health.toml"] = """[server]
+listen = ["127.0.0.1:53", "127.0.0.1:8080"]
+"""
+    return {name: text.encode() for name, text in out.items()}
+
+
 write("query", queries())
 write("upstream_answer", answers())
+write("config", configs())
 write("exchanges", scripts())

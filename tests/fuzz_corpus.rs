@@ -1,12 +1,15 @@
-//! The fuzz targets' checks (fuzz/checks.rs) on the stable toolchain, in the test suite: every
-//! seed of `fuzz/corpus/<target>/`, then a fixed number of deterministic mutations of them
-//! (bit flips, byte changes, cuts, insertions, splices of two seeds), the same each run. The
-//! long coverage-guided runs are `cargo fuzz run <target>` (fuzz/README.md).
+//! The fuzz targets' checks (fuzz/checks.rs, fuzz/config_checks.rs) on the stable toolchain, in
+//! the test suite: every seed of `fuzz/corpus/<target>/`, then a fixed number of deterministic
+//! mutations of them (bit flips, byte changes, cuts, insertions, splices of two seeds; config
+//! files get line insertions, repeats, deletions and value swaps first), the same each run. The
+//! long coverage-guided runs are `cargo fuzz run <target>` (README.md, "Tests").
 //!
 //! Runs on: the test thread; pure, no I/O beyond reading the corpus.
 
 #[path = "../fuzz/checks.rs"]
 mod checks;
+#[path = "../fuzz/config_checks.rs"]
+mod config_checks;
 #[path = "../fuzz/exchanges.rs"]
 mod exchanges;
 
@@ -85,8 +88,46 @@ fn mutate(rng: &mut StdRng, input: &[u8], other: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Runs `check` on every seed of `target`, then on [`MUTATIONS`] mutations of them.
-fn run(target: &str, check: fn(&[u8])) {
+/// One mutation of a text `input` by lines (another seed `other` gives lines and values): a
+/// line of `other` inserted, a line repeated elsewhere, a line deleted, or the value after a
+/// line's `=` replaced by the value of a line of `other`; then, half the time, [`mutate`].
+/// Byte changes alone mostly break TOML's syntax; these keep it and recombine sections, keys
+/// and values, which is what reaches the validation and the round trip.
+fn mutate_lines(rng: &mut StdRng, input: &[u8], other: &[u8]) -> Vec<u8> {
+    let mut lines: Vec<Vec<u8>> = input.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect();
+    let donor: Vec<&[u8]> = other.split(|&b| b == b'\n').collect();
+    let value_at = |line: &[u8]| line.iter().position(|&b| b == b'=').map(|at| at + 1);
+    for _ in 0..1 + rng.random_range(0..3) {
+        let at = rng.random_range(0..lines.len());
+        let from = donor[rng.random_range(0..donor.len())];
+        match rng.random_range(0..4) {
+            0 => lines.insert(at, from.to_vec()),
+            1 => {
+                let line = lines[at].clone();
+                lines.insert(rng.random_range(0..lines.len() + 1), line);
+            }
+            2 if lines.len() > 1 => {
+                lines.remove(at);
+            }
+            _ => {
+                if let (Some(keep), Some(take)) = (value_at(&lines[at]), value_at(from)) {
+                    lines[at].truncate(keep);
+                    lines[at].extend_from_slice(&from[take..]);
+                }
+            }
+        }
+    }
+    let out = lines.join(&b'\n');
+    if rng.random() {
+        mutate(rng, &out, other)
+    } else {
+        out
+    }
+}
+
+/// Runs `check` on every seed of `target`, then on [`MUTATIONS`] mutations of them made by
+/// `mutate`.
+fn run(target: &str, check: fn(&[u8]), mutate: fn(&mut StdRng, &[u8], &[u8]) -> Vec<u8>) {
     let seeds = seeds(target);
     for (path, bytes) in &seeds {
         let outcome = std::panic::catch_unwind(|| check(bytes));
@@ -108,15 +149,20 @@ fn run(target: &str, check: fn(&[u8])) {
 
 #[test]
 fn queries_from_clients() {
-    run("query", checks::query);
+    run("query", checks::query, mutate);
 }
 
 #[test]
 fn answers_from_upstream() {
-    run("upstream_answer", checks::upstream_answer);
+    run("upstream_answer", checks::upstream_answer, mutate);
+}
+
+#[test]
+fn configs_from_operators() {
+    run("config", config_checks::config, mutate_lines);
 }
 
 #[test]
 fn exchanges_with_upstreams() {
-    run("exchanges", exchanges::exchanges);
+    run("exchanges", exchanges::exchanges, mutate);
 }
