@@ -1785,7 +1785,15 @@ impl Document<'_> {
         let span = raw.span();
         let text = match raw.into_inner() {
             RawDuration::Number(value) => {
-                return Err(self.invalid(span, key, Problem::NoUnit { value }))
+                // Quoted as written (TOML would print `1e3` as 1000, `nan` as NaN); only a
+                // whole number is told to add a unit: `1.5s`, `-1s` or `nans` are no duration.
+                let value = self.text.get(span.clone()).map_or(value, str::to_owned);
+                let problem = if value.bytes().all(|b| b.is_ascii_digit()) {
+                    Problem::NoUnit { value }
+                } else {
+                    Problem::BadDuration { value }
+                };
+                return Err(self.invalid(span, key, problem));
             }
             RawDuration::Text(text) => {
                 self.expand(&Spanned::new(span.clone(), text), key, false)?
@@ -2528,6 +2536,19 @@ mod tests {
             error_of("[cache]\nsuccess_ttl = \"30\"\n"),
             "/etc/ringdns.toml:2: cache.success_ttl: \"30\" has no unit (use e.g. \"30s\")"
         );
+    }
+
+    #[test]
+    fn a_bare_number_that_is_no_integer_is_not_told_to_add_a_unit() {
+        for bare in ["1.5", "-2", "nan", "inf", "1e3"] {
+            assert_eq!(
+                error_of(&format!("[health]\nlameduck = {bare}\n")),
+                format!(
+                    "/etc/ringdns.toml:2: health.lameduck: \"{bare}\" is not a duration (use an \
+                     integer and a unit: ms, s, m, h, d)"
+                ),
+            );
+        }
     }
 
     #[test]
