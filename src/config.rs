@@ -11,7 +11,7 @@
 
 use std::fmt;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -859,6 +859,19 @@ pub enum Problem {
         /// from the file with its default: `metrics.listen (default: 0.0.0.0:9253)`).
         other: String,
     },
+    /// Two endpoints on one port where one's wildcard IP takes the other's: the second bind
+    /// would fail at start-up.
+    #[error(
+        "{addr} overlaps {other_addr} of {other} (the same port, and a wildcard IP takes both)"
+    )]
+    AddressOverlaps {
+        /// The address at the reported key.
+        addr: SocketAddr,
+        /// The key of the other (as for [`Problem::AddressTaken`]).
+        other: String,
+        /// Its address.
+        other_addr: SocketAddr,
+    },
     /// A resolv.conf upstream could not be read.
     #[error("{}: {source}", path.display())]
     ResolvConfRead {
@@ -1002,6 +1015,48 @@ pub struct Host<'a> {
     pub var: &'a dyn Fn(&str) -> Option<String>,
     /// Contents of a file (a resolv.conf upstream).
     pub read: &'a dyn Fn(&Path) -> io::Result<String>,
+}
+
+/// What binds a TCP port at start-up (`Document::endpoints` checks they can all bind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BindKind {
+    /// A DNS listen address: its IPv6 sockets are IPV6_V6ONLY (worker/sockets.rs).
+    Dns,
+    /// The health or metrics listener: a plain listener, so `[::]` takes IPv4 too.
+    Http,
+}
+
+/// One address a TCP listener binds, and where the file sets it.
+#[derive(Debug)]
+struct Bind {
+    addr: SocketAddr,
+    kind: BindKind,
+    /// Its key (`server.listen[1]`, `health.listen`).
+    key: String,
+    /// The line that sets it; `None` when its default applies.
+    line: Option<usize>,
+    /// How its default is worded in errors.
+    default: String,
+}
+
+impl Bind {
+    /// Whether the kernel would refuse one of the two listeners (neither reuses the other's
+    /// port): the same port on the same IP, or on a wildcard IP that covers the other's.
+    fn clashes_with(&self, other: &Bind) -> bool {
+        self.addr.port() == other.addr.port()
+            && (self.addr.ip() == other.addr.ip() || self.covers(other) || other.covers(self))
+    }
+
+    /// Whether this is a wildcard address that takes `other`'s IP: `0.0.0.0` every IPv4
+    /// address, `[::]` every IPv6 one, and every IPv4 one too unless IPV6_V6ONLY.
+    fn covers(&self, other: &Bind) -> bool {
+        match self.addr.ip() {
+            IpAddr::V4(ip) => ip.is_unspecified() && other.addr.is_ipv4(),
+            IpAddr::V6(ip) => {
+                ip.is_unspecified() && (other.addr.is_ipv6() || self.kind == BindKind::Http)
+            }
+        }
+    }
 }
 
 /// The raw file: every section optional.
@@ -1391,8 +1446,10 @@ impl Document<'_> {
         listen: &[SocketAddr],
         listen_lines: &[usize],
     ) -> Result<(HealthConfig, MetricsConfig), ConfigError> {
-        let first = listen.first().copied().unwrap_or(DEFAULT_LISTEN[0]);
-        let default_health = SocketAddr::new(first.ip(), DEFAULT_HEALTH_PORT);
+        // The first listen address with port 8080, scope ID kept (a link-local IPv6 address
+        // is unusable without it).
+        let mut default_health = listen.first().copied().unwrap_or(DEFAULT_LISTEN[0]);
+        default_health.set_port(DEFAULT_HEALTH_PORT);
         let health_listen = match &health.listen {
             None => default_health,
             Some(value) => self
@@ -1403,42 +1460,41 @@ impl Document<'_> {
             None => Some(DEFAULT_METRICS_LISTEN),
             Some(value) => self.endpoint(value, "metrics.listen")?,
         };
-        let health_span = health.listen.as_ref().map(Spanned::span);
-        let metrics_span = metrics.listen.as_ref().map(Spanned::span);
-        // The endpoint `key` has `addr`, which server.listen's entry `index` has too. If the
-        // endpoint is given (its value spans `span`), the error is there; if it is absent, the
-        // file has no line for it, so the error is at the listen entry and names the endpoint
-        // with its `default`. (The default listen never clashes with the default endpoints.)
-        let taken = |addr, key: &str, span: Option<Range<usize>>, index: usize, default: &str| {
-            let listen_key = format!("server.listen[{index}]");
-            let (line, key, other) = match span {
-                Some(span) => (Some(self.line(span.start)), key.to_owned(), listen_key),
-                None => (
-                    listen_lines.get(index).copied(),
-                    listen_key,
-                    format!("{key} (default: {default})"),
-                ),
-            };
-            ConfigError::Invalid {
-                at: Location {
-                    file: self.source.map(Path::to_path_buf),
-                    line,
-                    key: Some(key),
-                },
-                problem: Box::new(Problem::AddressTaken { addr, other }),
-            }
+        let line_of = |value: &Option<Spanned<String>>| {
+            value.as_ref().map(|value| self.line(value.span().start))
         };
-        if let Some(index) = listen.iter().position(|addr| *addr == health_listen) {
-            let default = format!("the first listen IP, port {DEFAULT_HEALTH_PORT}");
-            let key = "health.listen";
-            return Err(taken(health_listen, key, health_span, index, &default));
+        let health_bind = Bind {
+            addr: health_listen,
+            kind: BindKind::Http,
+            key: "health.listen".to_owned(),
+            line: line_of(&health.listen),
+            default: format!("the first listen IP, port {DEFAULT_HEALTH_PORT}"),
+        };
+        let metrics_bind = metrics_listen.map(|addr| Bind {
+            addr,
+            kind: BindKind::Http,
+            key: "metrics.listen".to_owned(),
+            line: line_of(&metrics.listen),
+            default: DEFAULT_METRICS_LISTEN.to_string(),
+        });
+        let listen_binds = listen.iter().enumerate().map(|(index, &addr)| Bind {
+            addr,
+            kind: BindKind::Dns,
+            key: format!("server.listen[{index}]"),
+            line: listen_lines.get(index).copied(),
+            default: addr.to_string(),
+        });
+        for listen in listen_binds {
+            for endpoint in std::iter::once(&health_bind).chain(&metrics_bind) {
+                if listen.clashes_with(endpoint) {
+                    return Err(self.clash(&listen, endpoint));
+                }
+            }
         }
         // metrics.listen may equal health.listen: one HTTP listener then serves both.
-        if let Some(metrics_addr) = metrics_listen {
-            if let Some(index) = listen.iter().position(|addr| *addr == metrics_addr) {
-                let default = DEFAULT_METRICS_LISTEN.to_string();
-                let key = "metrics.listen";
-                return Err(taken(metrics_addr, key, metrics_span, index, &default));
+        if let Some(metrics_bind) = &metrics_bind {
+            if metrics_bind.addr != health_bind.addr && metrics_bind.clashes_with(&health_bind) {
+                return Err(self.clash(&health_bind, metrics_bind));
             }
         }
         Ok((
@@ -1450,6 +1506,41 @@ impl Document<'_> {
                 listen: metrics_listen,
             },
         ))
+    }
+
+    /// The error for two binds that cannot both succeed: at `second` if the file sets it (so
+    /// the line the operator wrote is named), else at `first`, naming the other with its
+    /// default if the file does not set it.
+    fn clash(&self, first: &Bind, second: &Bind) -> ConfigError {
+        let (at, other) = if second.line.is_some() {
+            (second, first)
+        } else {
+            (first, second)
+        };
+        let other_key = match other.line {
+            Some(_) => other.key.clone(),
+            None => format!("{} (default: {})", other.key, other.default),
+        };
+        let problem = if at.addr == other.addr {
+            Problem::AddressTaken {
+                addr: at.addr,
+                other: other_key,
+            }
+        } else {
+            Problem::AddressOverlaps {
+                addr: at.addr,
+                other: other_key,
+                other_addr: other.addr,
+            }
+        };
+        ConfigError::Invalid {
+            at: Location {
+                file: self.source.map(Path::to_path_buf),
+                line: at.line,
+                key: Some(at.key.clone()),
+            },
+            problem: Box::new(problem),
+        }
     }
 
     /// Parses an HTTP endpoint address (port required); `Ok(None)` for `""`.
@@ -2402,7 +2493,8 @@ mod tests {
         );
         assert_eq!(
             error_of("[metrics]\nlisten = \"[::1]:5353\"\n"),
-            "/etc/ringdns.toml:2: metrics.listen: [::1]:5353 is already used by server.listen[1]"
+            "/etc/ringdns.toml:2: metrics.listen: [::1]:5353 is already used by server.listen[1] \
+             (default: [::1]:5353)"
         );
     }
 
@@ -2424,6 +2516,46 @@ mod tests {
             "/etc/ringdns.toml:4: health.listen: 127.0.0.1:8080 is already used by \
              server.listen[0]"
         );
+    }
+
+    #[test]
+    fn a_wildcard_endpoint_clashes_with_a_listen_address_on_its_port() {
+        assert_eq!(
+            error_of("[server]\nlisten = [\"10.0.0.1:53\", \"10.0.0.1:9253\"]\n"),
+            "/etc/ringdns.toml:2: server.listen[1]: 10.0.0.1:9253 overlaps 0.0.0.0:9253 of \
+             metrics.listen (default: 0.0.0.0:9253) (the same port, and a wildcard IP takes both)"
+        );
+        // A plain HTTP listener on [::] takes IPv4 too.
+        assert_eq!(
+            error_of("[server]\nlisten = [\"10.0.0.1:53\"]\n[health]\nlisten = \"[::]:53\"\n"),
+            "/etc/ringdns.toml:4: health.listen: [::]:53 overlaps 10.0.0.1:53 of server.listen[0] \
+             (the same port, and a wildcard IP takes both)"
+        );
+        assert_eq!(
+            error_of("[health]\nlisten = \"127.0.0.1:9\"\n[metrics]\nlisten = \"0.0.0.0:9\"\n"),
+            "/etc/ringdns.toml:4: metrics.listen: 0.0.0.0:9 overlaps 127.0.0.1:9 of health.listen \
+             (the same port, and a wildcard IP takes both)"
+        );
+        // DNS sockets on [::] are IPV6_V6ONLY: an IPv4 endpoint on that port binds; other
+        // ports and families never clash.
+        for fine in [
+            "[server]\nlisten = [\"[::]:9253\"]\n[metrics]\nlisten = \"0.0.0.0:9253\"\n",
+            "[server]\nlisten = [\"0.0.0.0:53\"]\n[health]\nlisten = \"[::1]:53\"\n",
+            "[server]\nlisten = [\"0.0.0.0:53\"]\n",
+        ] {
+            assert!(parse_text(fine).is_ok(), "{fine}");
+        }
+    }
+
+    #[test]
+    fn the_default_health_address_keeps_the_listen_scope_id() {
+        let config =
+            parse_text("[server]\nlisten = [\"[fe80::1%1]:53\"]\n[metrics]\nlisten = \"\"\n")
+                .expect("a scoped link-local listen address");
+        let SocketAddr::V6(health) = config.health.listen else {
+            panic!("{:?}", config.health.listen);
+        };
+        assert_eq!((health.port(), health.scope_id()), (8080, 1));
     }
 
     #[test]
