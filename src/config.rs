@@ -725,7 +725,7 @@ pub enum Problem {
         value: String,
     },
     /// A string that is not a duration.
-    #[error("\"{value}\" is not a duration (use an integer and a unit: ms, s, m, h, d)")]
+    #[error("{value:?} is not a duration (use an integer and a unit: ms, s, m, h, d)")]
     BadDuration {
         /// The text as written, after `${VAR}` expansion.
         value: String,
@@ -756,7 +756,7 @@ pub enum Problem {
         max: Duration,
     },
     /// A string that is not one of a fixed set of words.
-    #[error("\"{value}\" is not one of {expected}")]
+    #[error("{value:?} is not one of {expected}")]
     UnknownChoice {
         /// The text as written, after `${VAR}` expansion.
         value: String,
@@ -770,13 +770,13 @@ pub enum Problem {
         name: String,
     },
     /// `${` without a closing `}`, or with a name that is not `[A-Za-z_][A-Za-z0-9_]*`.
-    #[error("\"{value}\" has a malformed ${{NAME}} reference")]
+    #[error("{value:?} has a malformed ${{NAME}} reference")]
     BadVariableReference {
         /// The string as written.
         value: String,
     },
     /// A listen entry that is not a socket address.
-    #[error("\"{value}\" is not a listen address: {reason}")]
+    #[error("{value:?} is not a listen address: {reason}")]
     BadListen {
         /// The text, after `${VAR}` expansion.
         value: String,
@@ -793,7 +793,7 @@ pub enum Problem {
     },
     /// An upstream that is neither an address nor an absolute resolv.conf path.
     #[error(
-        "\"{value}\" is not an upstream (IP, IP:PORT, [IPv6]:PORT or /path/to/resolv.conf): \
+        "{value:?} is not an upstream (IP, IP:PORT, [IPv6]:PORT or /path/to/resolv.conf): \
          {reason}"
     )]
     BadUpstream {
@@ -803,7 +803,7 @@ pub enum Problem {
         reason: AddressProblem,
     },
     /// A zone that is not a domain name.
-    #[error("\"{value}\" is not a zone name: {reason}")]
+    #[error("{value:?} is not a zone name: {reason}")]
     BadZone {
         /// The text, after `${VAR}` expansion.
         value: String,
@@ -819,7 +819,7 @@ pub enum Problem {
         first_line: usize,
     },
     /// A name that is not a valid Linux interface name (`node.interface`).
-    #[error("\"{value}\" is not an interface name: {reason}")]
+    #[error("{value:?} is not an interface name: {reason}")]
     BadInterface {
         /// The text, after `${VAR}` expansion.
         value: String,
@@ -827,7 +827,7 @@ pub enum Problem {
         reason: NameProblem,
     },
     /// A name that is not a valid iptables chain name (`node.fallback_service_chain`).
-    #[error("\"{value}\" is not a chain name: {reason}")]
+    #[error("{value:?} is not a chain name: {reason}")]
     BadChain {
         /// The text, after `${VAR}` expansion.
         value: String,
@@ -835,7 +835,7 @@ pub enum Problem {
         reason: NameProblem,
     },
     /// A Unix socket path that cannot be bound (`node.handover`).
-    #[error("\"{value}\" is not a Unix socket path: {reason}")]
+    #[error("{value:?} is not a Unix socket path: {reason}")]
     BadSocketPath {
         /// The text, after `${VAR}` expansion.
         value: String,
@@ -843,7 +843,7 @@ pub enum Problem {
         reason: &'static str,
     },
     /// An HTTP endpoint address that is not a socket address.
-    #[error("\"{value}\" is not a listen address: {reason}")]
+    #[error("{value:?} is not a listen address: {reason}")]
     BadEndpoint {
         /// The text, after `${VAR}` expansion.
         value: String,
@@ -887,7 +887,7 @@ pub enum Problem {
         path: PathBuf,
     },
     /// A resolv.conf `nameserver` line whose address does not parse.
-    #[error("{}:{line}: nameserver \"{value}\": {reason}", path.display())]
+    #[error("{}:{line}: nameserver {value:?}: {reason}", path.display())]
     ResolvConfNameserver {
         /// The resolv.conf file.
         path: PathBuf,
@@ -2693,6 +2693,16 @@ mod tests {
             );
             assert!(error.contains("is not a duration"), "{bad}: {error}");
         }
+    }
+
+    #[test]
+    fn values_in_errors_are_quoted_with_control_characters_escaped() {
+        // A value from the file reaches the journal escaped, not as raw bytes.
+        assert_eq!(
+            error_of("[node]\nrules = \"ipt\\u001b[2Jables\\n\"\n"),
+            "/etc/ringdns.toml:2: node.rules: \"ipt\\u{1b}[2Jables\\n\" is not one of \
+             auto | iptables | nftables"
+        );
     }
 
     #[test]
