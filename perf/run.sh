@@ -588,6 +588,34 @@ thread_ticks() {
     done
     echo 0
 }
+# Derived two-thread scaling of server $1 from its saturated one-thread run and the two-thread
+# run: CPU seconds $2 / $3 and queries $4 / $5 of thread 0 (sharing CPU $client_cpu with
+# loadgen) and thread 1; writes $tmp/$1.scaling.json.
+derive_scaling() {
+    jq -n --argjson hz "$hz" --argjson s0 "$2" --argjson s1 "$3" \
+        --argjson q0 "$4" --argjson q1 "$5" \
+        --slurpfile one "$tmp/$1.saturated.json" --slurpfile two "$tmp/$1.two-workers.json" '
+        ($one[0].server_ticks / $hz * 1e6 / $one[0].answered) as $c1
+        | ($s0 * 1e6 / ([$q0, 1] | max)) as $c0w
+        | ($s1 * 1e6 / ([$q1, 1] | max)) as $c1w
+        | (($q0 + $q1) | if . > 0 then . else 1 end) as $q
+        | ([($c0w * $q0 / $q), ($c1w * $q1 / $q)] | max) as $worst
+        | {one_worker_cpu_us: $c1, w0_cpu_us: $c0w, w1_cpu_us: $c1w, w0_share: ($q0 / $q),
+           w1_share: ($q1 / $q), answered: $two[0].answered, qps: $two[0].qps,
+           servfail: $two[0].rcodes.servfail, lost: $two[0].lost,
+           scaling: (if $worst > 0 then $c1 / $worst else null end)}' >"$tmp/$1.scaling.json"
+}
+# The line for $tmp/$1.scaling.json, a thread called $2.
+scaling_text() {
+    jq -r --arg what "$2" '"two \($what)s (loadgen shares CPU 0 with \($what) 0): \(.qps | floor) qps measured, \(.lost) lost; CPU µs/query \($what) 0 \(.w0_cpu_us * 100 | round / 100), \($what) 1 \(.w1_cpu_us * 100 | round / 100) (one \($what) saturated: \(.one_worker_cpu_us * 100 | round / 100)); split \(.w0_share * 100 | round)/\(.w1_share * 100 | round) %; derived scaling \(if .scaling then (.scaling * 100 | round / 100 | tostring) + "x" else "–" end) one \($what)"' "$tmp/$1.scaling.json"
+}
+# The saturated closed loop of the two-thread runs, against server $1, into $tmp/$1.two-workers.*.
+two_thread_load() {
+    timeout 120 "$bin/loadgen" --server "${addr[$1]}:53" --cpu "$client_cpu" --json \
+        --queries "$tmp/hot.txt" --duration "$saturated_s" --max-queries 50000000 --sockets 64 --gso \
+        >"$tmp/$1.two-workers.json" 2>"$tmp/$1.two-workers.log" ||
+        { cat "$tmp/$1.two-workers.log" >&2; die "loadgen against two $1 threads failed"; }
+}
 scaling_line=""
 if [[ " ${servers[*]} " == *" ringdns "* && -f "$tmp/ringdns.saturated.json" ]]; then
     wait_idle 5
@@ -606,29 +634,37 @@ if [[ " ${servers[*]} " == *" ringdns "* && -f "$tmp/ringdns.saturated.json" ]];
     w1_ticks=$(thread_ticks "$server_pid" "ringdns-w$server_cpu")
     w0_queries=$(worker_queries 0)
     w1_queries=$(worker_queries 1)
-    timeout 120 "$bin/loadgen" --server "${addr[ringdns]}:53" --cpu "$client_cpu" --json \
-        --queries "$tmp/hot.txt" --duration "$saturated_s" --max-queries 50000000 --sockets 64 --gso \
-        >"$tmp/ringdns.two-workers.json" 2>"$tmp/ringdns.two-workers.log" ||
-        { cat "$tmp/ringdns.two-workers.log" >&2; die "loadgen against two workers failed"; }
+    two_thread_load ringdns
     w0_ticks=$(($(thread_ticks "$server_pid" "ringdns-w$client_cpu") - w0_ticks))
     w1_ticks=$(($(thread_ticks "$server_pid" "ringdns-w$server_cpu") - w1_ticks))
     w0_queries=$(($(worker_queries 0) - w0_queries))
     w1_queries=$(($(worker_queries 1) - w1_queries))
     stop_pid "$server_pid"
-    jq -n --argjson hz "$hz" --argjson t0 "$w0_ticks" --argjson t1 "$w1_ticks" \
-        --argjson q0 "$w0_queries" --argjson q1 "$w1_queries" \
-        --slurpfile one "$tmp/ringdns.saturated.json" --slurpfile two "$tmp/ringdns.two-workers.json" '
-        ($one[0].server_ticks / $hz * 1e6 / $one[0].answered) as $c1
-        | ($t0 / $hz * 1e6 / ([$q0, 1] | max)) as $c0w
-        | ($t1 / $hz * 1e6 / ([$q1, 1] | max)) as $c1w
-        | (($q0 + $q1) | if . > 0 then . else 1 end) as $q
-        | ([($c0w * $q0 / $q), ($c1w * $q1 / $q)] | max) as $worst
-        | {one_worker_cpu_us: $c1, w0_cpu_us: $c0w, w1_cpu_us: $c1w, w0_share: ($q0 / $q),
-           w1_share: ($q1 / $q), answered: $two[0].answered, qps: $two[0].qps,
-           servfail: $two[0].rcodes.servfail, lost: $two[0].lost,
-           scaling: (if $worst > 0 then $c1 / $worst else null end)}' >"$tmp/ringdns.scaling.json"
-    scaling_line="$(jq -r '"two workers (loadgen shares CPU 0 with worker 0): \(.qps | floor) qps measured, \(.lost) lost; CPU µs/query worker 0 \(.w0_cpu_us * 100 | round / 100), worker 1 \(.w1_cpu_us * 100 | round / 100) (one worker saturated: \(.one_worker_cpu_us * 100 | round / 100)); split \(.w0_share * 100 | round)/\(.w1_share * 100 | round) %; derived scaling \(if .scaling then (.scaling * 100 | round / 100 | tostring) + "x" else "–" end) one worker"' "$tmp/ringdns.scaling.json")"
+    derive_scaling ringdns "$(jq -n "$w0_ticks / $hz")" "$(jq -n "$w1_ticks / $hz")" "$w0_queries" "$w1_queries"
+    scaling_line="$(scaling_text ringdns worker)"
     note "$scaling_line"
+fi
+# The same placement and load against two udp-echo threads (one SO_REUSEPORT group, as
+# ringdns' workers): the most this method can show on this host, since the echo shares
+# nothing by construction. ringdns' derived scaling over the echo's says how close it comes.
+if [[ -n $scaling_line && " ${servers[*]} " == *" echo "* && -f "$tmp/echo.saturated.json" ]]; then
+    wait_idle 5
+    note "=== echo, 2 threads (CPUs $client_cpu,$server_cpu; loadgen on CPU $client_cpu)"
+    start_pinned 600 "$client_cpu,$server_cpu" "$tmp/echo-2t.log" "$bin/udp-echo" \
+        --listen "${addr[echo]}:53" --mode mmsg --cpu "$client_cpu" --cpu "$server_cpu" --max-seconds 600
+    echo_pid=$started_pid
+    wait_log "$tmp/echo-2t.log" "udp-echo ready .*threads=2"
+    two_thread_load echo
+    stop_pid "$echo_pid"
+    wait_log "$tmp/echo-2t.log" "udp-echo stopped"
+    thread_field() { awk -v t="thread=$1" -v f="$2=" '$2 == t { for (i = 3; i <= NF; i++) if (index($i, f) == 1) print substr($i, length(f) + 1) }' "$tmp/echo-2t.log"; }
+    derive_scaling echo "$(thread_field 0 cpu_s)" "$(thread_field 1 cpu_s)" \
+        "$(thread_field 0 received)" "$(thread_field 1 received)"
+    scaling_line+=$'\n\n'"$(scaling_text echo "echo thread")"
+    scaling_line+="; ringdns' derived scaling ÷ the echo's: $(jq -rn --slurpfile r "$tmp/ringdns.scaling.json" \
+        --slurpfile e "$tmp/echo.scaling.json" \
+        'if $r[0].scaling and $e[0].scaling then ($r[0].scaling / $e[0].scaling * 100 | round / 100 | tostring) + "x" else "–" end')"
+    note "${scaling_line##*$'\n'}"
 fi
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 //! `udp-echo`: answers every datagram with the same bytes and the DNS QR bit set, the cheapest
 //! possible "DNS server" and so the kernel's-limit reference in perf comparisons.
 //!
-//! Runs on: one thread, optionally pinned; a plain blocking loop on one socket.
+//! Runs on: one thread per `--cpu` (one unpinned thread without), each a plain blocking loop
+//! on its own socket; with several, the sockets form one SO_REUSEPORT group, as ringdns'
+//! workers do, so the kernel spreads clients over them the same way.
 
 #![forbid(unsafe_code)]
 
@@ -10,6 +12,9 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+
+use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
+use nix::time::{clock_gettime, ClockId};
 
 use anyhow::{bail, Context};
 use argh::FromArgs;
@@ -38,9 +43,10 @@ struct Args {
     /// datagrams per recvmmsg/sendmmsg in mmsg mode (default 64)
     #[argh(option, default = "64")]
     batch: usize,
-    /// pin to this CPU
+    /// pin a thread to this CPU; repeat it for one thread per CPU, each on its own socket of one
+    /// SO_REUSEPORT group (default: one unpinned thread)
     #[argh(option)]
-    cpu: Option<usize>,
+    cpu: Vec<usize>,
     /// stop after this many seconds (SIGTERM/SIGINT also stop it)
     #[argh(option)]
     max_seconds: Option<f64>,
@@ -55,7 +61,7 @@ enum Mode {
     Single,
 }
 
-/// What the server did, printed when it stops.
+/// What the server (or one of its threads) did, printed when it stops.
 #[derive(Debug, Default)]
 struct Totals {
     /// Datagrams received.
@@ -70,20 +76,32 @@ struct Totals {
     send_errors: u64,
 }
 
+impl Totals {
+    /// Adds a thread's counts.
+    fn add(&mut self, other: &Totals) {
+        self.received += other.received;
+        self.echoed += other.echoed;
+        self.batches += other.batches;
+        self.oversized += other.oversized;
+        self.send_errors += other.send_errors;
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Args = argh::from_env();
     if args.batch == 0 || args.batch > 1024 {
         bail!("--batch must be 1..=1024");
     }
-    if let Some(cpu) = args.cpu {
-        pin_current_thread(cpu)?;
-    }
+    let cpus: Vec<Option<usize>> = match args.cpu.as_slice() {
+        [] => vec![None],
+        cpus => cpus.iter().copied().map(Some).collect(),
+    };
     let stop = install_stop_flag().context("installing SIGTERM/SIGINT handlers")?;
-    let socket =
-        UdpSocket::bind(args.listen).with_context(|| format!("binding {}", args.listen))?;
-    socket
-        .set_read_timeout(Some(RECEIVE_TIMEOUT))
-        .context("SO_RCVTIMEO")?;
+    // Every socket is bound before any thread serves, so the group is whole from the start.
+    let sockets = cpus
+        .iter()
+        .map(|_| bind(args.listen, cpus.len() > 1))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let deadline = match args.max_seconds {
         Some(seconds) => Some(
             Instant::now()
@@ -95,18 +113,63 @@ fn main() -> anyhow::Result<()> {
         stop.load(Ordering::Relaxed) || deadline.is_some_and(|deadline| Instant::now() >= deadline)
     };
     eprintln!(
-        "udp-echo ready listen={} mode={:?} pid={}",
-        socket.local_addr().context("local address")?,
+        "udp-echo ready listen={} mode={:?} threads={} pid={}",
+        sockets[0].local_addr().context("local address")?,
         args.mode,
+        sockets.len(),
         std::process::id()
     );
     let started = Instant::now();
     let cpu_before = process_cpu_time()?;
-    let totals = match args.mode {
-        Mode::Mmsg => echo_batches(&socket, args.batch, should_stop)?,
-        Mode::Single => echo_single(&socket, should_stop)?,
-    };
+    let threads: Vec<anyhow::Result<(Totals, Duration)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = sockets
+            .iter()
+            .zip(&cpus)
+            .map(|(socket, &cpu)| {
+                let should_stop = &should_stop;
+                scope.spawn(move || {
+                    if let Some(cpu) = cpu {
+                        pin_current_thread(cpu)?;
+                    }
+                    let thread_cpu = || -> anyhow::Result<Duration> {
+                        let time = clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID)
+                            .context("CLOCK_THREAD_CPUTIME_ID")?;
+                        Ok(Duration::from(time))
+                    };
+                    let before = thread_cpu()?;
+                    let totals = match args.mode {
+                        Mode::Mmsg => echo_batches(socket, args.batch, should_stop)?,
+                        Mode::Single => echo_single(socket, should_stop)?,
+                    };
+                    Ok((totals, thread_cpu()?.saturating_sub(before)))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| match handle.join() {
+                Ok(result) => result,
+                Err(_) => Err(anyhow::anyhow!("an echo thread panicked")),
+            })
+            .collect()
+    });
     let cpu = process_cpu_time()?.saturating_sub(cpu_before);
+    let mut totals = Totals::default();
+    for (index, (thread, cpu_pin)) in threads.into_iter().zip(&cpus).enumerate() {
+        let (thread, thread_cpu) = thread?;
+        // One line per thread when there are several (perf/run.sh reads them).
+        if cpus.len() > 1 {
+            eprintln!(
+                "udp-echo thread={index} cpu={} received={} echoed={} batches={} cpu_s={:.6}",
+                cpu_pin.map_or_else(|| "-".to_owned(), |cpu| cpu.to_string()),
+                thread.received,
+                thread.echoed,
+                thread.batches,
+                thread_cpu.as_secs_f64()
+            );
+        }
+        totals.add(&thread);
+    }
     let per_batch = totals.received as f64 / totals.batches.max(1) as f64;
     eprintln!(
         "udp-echo stopped received={} echoed={} batches={} avg_batch={per_batch:.1} oversized={} \
@@ -120,6 +183,30 @@ fn main() -> anyhow::Result<()> {
         cpu.as_secs_f64()
     );
     Ok(())
+}
+
+/// A UDP socket bound to `listen` (in an SO_REUSEPORT group if `reuse_port`), whose blocking
+/// receives wake every [`RECEIVE_TIMEOUT`].
+fn bind(listen: SocketAddr, reuse_port: bool) -> anyhow::Result<UdpSocket> {
+    let family = match listen {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket::socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+        .context("socket")?;
+    if reuse_port {
+        socket::setsockopt(&fd, sockopt::ReusePort, &true).context("SO_REUSEPORT")?;
+    }
+    socket::bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(listen),
+    )
+    .with_context(|| format!("binding {listen}"))?;
+    let socket = UdpSocket::from(fd);
+    socket
+        .set_read_timeout(Some(RECEIVE_TIMEOUT))
+        .context("SO_RCVTIMEO")?;
+    Ok(socket)
 }
 
 /// Parses `--mode`.
