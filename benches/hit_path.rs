@@ -1,5 +1,6 @@
 //! Criterion micro-benchmarks of the pure cache-hit path: parse, key, lookup, reply, and the
-//! whole `Handler::handle_query` on a hit; and of preparing an upstream answer (miss path).
+//! whole `Handler::handle_query` on a hit; of preparing an upstream answer; and of the whole
+//! user-space round trip of a UDP miss on a worker (`miss_path`).
 //!
 //! Runs on: the bench thread; no I/O, no kernel. `cargo bench --bench hit_path` (add
 //! `-- --quick` for a fast pass). Compare with perf/run.sh: the kernel's UDP path costs ~1.8 µs
@@ -21,6 +22,10 @@ use ringdns::upstream::{Outcome, Reply};
 use ringdns::worker::handler::{Action, Handler, Settings};
 use ringdns::worker::pending::Origin;
 use ringdns::worker::stats::WorkerStats;
+
+#[path = "../tests/support/worker_miss.rs"]
+mod worker_miss;
+use worker_miss::WorkerMiss;
 
 /// The qname of every benchmark: a typical Service name (33 bytes on the wire).
 const QNAME: &str = "svc-1.default.svc.cluster.local";
@@ -206,5 +211,15 @@ fn hit_path(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, hit_path);
+/// A worker's user-space round trip for one UDP miss (tests/support/worker_miss.rs).
+fn miss_path(c: &mut Criterion) {
+    let now = Instant::now();
+    let mut worker = WorkerMiss::new(|name| query(0x4242, name, true));
+    c.bench_function("UDP miss, worker round trip", |b| {
+        b.iter(|| worker.miss(now))
+    });
+    assert_eq!(worker.answered, worker.misses(), "every miss was answered");
+}
+
+criterion_group!(benches, hit_path, miss_path);
 criterion_main!(benches);

@@ -199,3 +199,40 @@ fn cache_hit_does_not_allocate() {
         "the counting allocator must see the miss path allocate"
     );
 }
+
+#[path = "support/worker_miss.rs"]
+mod worker_miss;
+
+/// Heap allocations of one UDP miss through a worker (tests/support/worker_miss.rs), once the
+/// cache is full and every insert evicts. A regression guard: a change that adds work per miss
+/// shows here before it shows, blurred by the host, in perf/run.sh.
+#[test]
+fn a_udp_miss_allocates_a_bounded_number_of_times() {
+    let mut worker = worker_miss::WorkerMiss::new(query_for);
+    let now = Instant::now();
+    // Fill both the cache and the exchanges' sockets first.
+    for _ in 0..12_000 {
+        worker.miss(now);
+    }
+    let misses = 1000;
+    let allocations = allocations_in(|| {
+        for _ in 0..misses {
+            worker.miss(now);
+        }
+    });
+    assert_eq!(worker.answered, worker.misses(), "every miss was answered");
+    let per_miss = allocations as f64 / f64::from(misses);
+    eprintln!("{per_miss} allocations per UDP miss");
+    assert!(
+        per_miss <= MISS_ALLOCATIONS,
+        "{per_miss} allocations per UDP miss"
+    );
+}
+
+/// See [`a_udp_miss_allocates_a_bounded_number_of_times`].
+const MISS_ALLOCATIONS: f64 = 13.0;
+
+/// [`query`] with a fixed ID.
+fn query_for(qname: &str) -> Vec<u8> {
+    query(0x4242, qname)
+}
