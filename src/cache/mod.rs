@@ -125,6 +125,22 @@ impl Shard {
     /// (TTL 0, a denial without SOA, SERVFAIL with `servfail_ttl = 0`, TC answers, other
     /// rcodes) is not stored (RFC 1035 §3.2.1: TTL 0 must not be cached).
     pub fn insert(&mut self, key: &[u8], answer: Answer, now: Instant) -> bool {
+        self.store(key, answer, now)
+    }
+
+    /// [`Shard::insert`] with a key the caller owns, stored as it is (the miss path hands over
+    /// its pending miss's key rather than have it copied).
+    pub fn insert_owned(&mut self, key: Box<[u8]>, answer: Answer, now: Instant) -> bool {
+        self.store(key, answer, now)
+    }
+
+    /// [`Shard::insert`]: `key` becomes the entry's own only if it is stored.
+    fn store(
+        &mut self,
+        key: impl AsRef<[u8]> + Into<Box<[u8]>>,
+        answer: Answer,
+        now: Instant,
+    ) -> bool {
         let to_success = match answer.kind() {
             Kind::Success => true,
             Kind::Denial | Kind::ServFail => false,
@@ -137,7 +153,7 @@ impl Shard {
         if ttl_secs == 0 {
             return false;
         }
-        let hash = self.hasher.hash_one(key);
+        let hash = self.hasher.hash_one(key.as_ref());
         // A key lives in one cache at a time: a name that changed from NXDOMAIN to an answer
         // must not be shadowed by its old denial.
         let (target, other) = if to_success {
@@ -145,7 +161,7 @@ impl Shard {
         } else {
             (&mut self.denial, &mut self.success)
         };
-        if let Some(index) = other.find(hash, key) {
+        if let Some(index) = other.find(hash, key.as_ref()) {
             other.remove(hash, index);
         }
         let entry = Entry {

@@ -206,14 +206,19 @@ pub enum Kind {
     Other,
 }
 
+/// Unused bytes an [`Answer`]'s buffer may keep rather than be shrunk (an upstream's OPT record
+/// with a cookie is 39 bytes).
+const SLACK_MAX: usize = 64;
+
 /// An answer ready to be replayed to many clients: the upstream message minus its OPT record,
 /// with the offsets of every TTL field so a hit can age them in place.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
-    /// Header (ID 0), question (lower case) and records, no OPT.
-    message: Box<[u8]>,
+    /// Header (ID 0), question (lower case) and records, no OPT (whose bytes may still be
+    /// allocated behind them, up to [`SLACK_MAX`]).
+    message: Vec<u8>,
     /// Offsets of the TTL field of every record in `message`.
-    ttl_offsets: Box<[u16]>,
+    ttl_offsets: Vec<u16>,
     /// Seconds this answer may be served: min over its records (for denials, over the SOA
     /// TTL and SOA MINIMUM too, RFC 2308 §5), before any cap.
     ttl_secs: u32,
@@ -245,6 +250,14 @@ impl Answer {
     /// Validates an upstream answer for the question of `key` (as built by
     /// [`Query::key_into`]) and prepares it for replay. Runs on the miss path; allocates.
     pub fn from_upstream(bytes: &[u8], key: &[u8]) -> Result<Answer, BadAnswer> {
+        Answer::from_upstream_vec(bytes.to_vec(), key)
+    }
+
+    /// [`Answer::from_upstream`] on an answer the caller owns, whose buffer becomes the stored
+    /// answer: the miss path's copy and allocation saved (the TTL offsets are the one
+    /// allocation left).
+    pub fn from_upstream_vec(mut out: Vec<u8>, key: &[u8]) -> Result<Answer, BadAnswer> {
+        let bytes = out.as_slice();
         if bytes.len() > usize::from(u16::MAX) {
             return Err(BadAnswer::TooLong);
         }
@@ -289,9 +302,6 @@ impl Answer {
         {
             return Err(BadAnswer::WrongQuestion);
         }
-        let mut out = bytes.to_vec();
-        wire::lowercase_into(&bytes[HEADER_LEN..name_end], &mut out[HEADER_LEN..])
-            .ok_or(BadAnswer::Malformed)?;
         let mut ttl_offsets = Vec::new();
         let mut min_ttl = u32::MAX;
         let mut soa_ttl = None;
@@ -301,6 +311,7 @@ impl Answer {
         let total = usize::from(counts.ancount())
             + usize::from(counts.nscount())
             + usize::from(counts.arcount());
+        ttl_offsets.reserve_exact(total);
         let authority = usize::from(counts.ancount())
             ..usize::from(counts.ancount()) + usize::from(counts.nscount());
         let additional_from = authority.end;
@@ -338,6 +349,10 @@ impl Answer {
             }
             at = record.end;
         }
+        // The buffer is ours from here on (nothing above reads `bytes` again).
+        out.get_mut(HEADER_LEN..name_end)
+            .ok_or(BadAnswer::Malformed)?
+            .make_ascii_lowercase();
         if let Some(range) = opt_range {
             out.truncate(range.start);
             let arcount = counts
@@ -369,9 +384,14 @@ impl Answer {
             _ if min_ttl == u32::MAX => 0,
             _ => min_ttl,
         };
+        // The stripped OPT record's bytes stay allocated unless they are many (an upstream's
+        // padding, say): a shrink would be one more allocation per miss.
+        if out.capacity() - out.len() > SLACK_MAX {
+            out.shrink_to_fit();
+        }
         Ok(Answer {
-            message: out.into_boxed_slice(),
-            ttl_offsets: ttl_offsets.into_boxed_slice(),
+            message: out,
+            ttl_offsets,
             ttl_secs,
             kind,
             rcode_upper,
@@ -381,8 +401,8 @@ impl Answer {
     /// A placeholder holding nothing (a vacated cache slot).
     pub fn empty() -> Answer {
         Answer {
-            message: Box::default(),
-            ttl_offsets: Box::default(),
+            message: Vec::new(),
+            ttl_offsets: Vec::new(),
             ttl_secs: 0,
             kind: Kind::Other,
             rcode_upper: 0,
@@ -401,7 +421,7 @@ impl Answer {
 
     /// Bytes held, for accounting.
     pub fn size(&self) -> usize {
-        self.message.len() + self.ttl_offsets.len() * 2
+        self.message.capacity() + self.ttl_offsets.capacity() * 2
     }
 
     /// Writes this answer for `query` into `out`: the client's ID, qname case, RD and CD; RA

@@ -136,28 +136,13 @@ fn name_end(msg: &[u8], start: usize) -> Option<usize> {
     None
 }
 
-/// The labels of a validated wire name, root excluded, in order (`www`, `example`, `com`).
-fn labels(name: &[u8]) -> Vec<&[u8]> {
-    let mut out = Vec::new();
-    let mut rest = name;
-    // Each step consumes at least one octet, so this ends within `name.len()` steps.
-    while let Some((&len, tail)) = rest.split_first() {
-        let len = usize::from(len);
-        if len == 0 || len > tail.len() {
-            break;
-        }
-        let (label, next) = tail.split_at(len);
-        out.push(label);
-        rest = next;
-    }
-    out
-}
-
 /// Picks the forward zone for a qname: the one with the longest label-wise matching suffix.
+/// Allocates nothing per query (it runs on the worker for every UDP miss).
 #[derive(Debug, Clone)]
 pub(crate) struct Router {
-    /// Each zone's labels, lower-case, root excluded (`.` has none), in config order.
-    zones: Vec<Vec<Vec<u8>>>,
+    /// Each zone's name in wire format, lower-case, root label included (`.` is `[0]`), in
+    /// config order.
+    zones: Vec<Vec<u8>>,
 }
 
 impl Router {
@@ -167,10 +152,14 @@ impl Router {
         let zones = zones
             .into_iter()
             .map(|zone| {
-                zone.split('.')
-                    .filter(|label| !label.is_empty())
-                    .map(|label| label.as_bytes().to_ascii_lowercase())
-                    .collect()
+                let mut wire = Vec::with_capacity(zone.len() + 2);
+                for label in zone.split('.').filter(|label| !label.is_empty()) {
+                    // Validated zone labels are 1..=63 bytes.
+                    wire.push(u8::try_from(label.len()).unwrap_or(u8::MAX));
+                    wire.extend(label.bytes().map(|byte| byte.to_ascii_lowercase()));
+                }
+                wire.push(0);
+                wire
             })
             .collect();
         Self { zones }
@@ -179,22 +168,24 @@ impl Router {
     /// Index of the zone for `qname` (wire format, as from [`Question::name`]), or `None` if no
     /// zone matches. `"."` matches every name; on equal length the earlier zone wins.
     pub(crate) fn route(&self, qname: &[u8]) -> Option<usize> {
-        let name = labels(qname);
-        let mut best: Option<(usize, usize)> = None;
-        for (index, zone) in self.zones.iter().enumerate() {
-            if zone.len() > name.len() {
-                continue;
-            }
-            let tail = name.get(name.len() - zone.len()..).unwrap_or_default();
-            let matches = tail
+        // The name's suffixes at its label boundaries, longest first: the first one that is a
+        // zone is the longest matching zone. Length octets (≤ 63) are no ASCII letters, so a
+        // case-insensitive comparison of the wire forms compares the labels.
+        let mut at = 0;
+        loop {
+            let suffix = qname.get(at..)?;
+            if let Some(index) = self
+                .zones
                 .iter()
-                .zip(zone)
-                .all(|(label, zone_label)| label.eq_ignore_ascii_case(zone_label));
-            if matches && best.is_none_or(|(_, len)| zone.len() > len) {
-                best = Some((index, zone.len()));
+                .position(|zone| suffix.eq_ignore_ascii_case(zone))
+            {
+                return Some(index);
+            }
+            match suffix.first() {
+                Some(&len) if len != 0 => at += 1 + usize::from(len),
+                _ => return None,
             }
         }
-        best.map(|(index, _)| index)
     }
 }
 

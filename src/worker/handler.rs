@@ -200,7 +200,7 @@ impl Handler {
             return;
         };
         let answer = match reply.outcome {
-            Outcome::Answer(bytes) => match Answer::from_upstream(&bytes, &miss.key) {
+            Outcome::Answer(bytes) => match Answer::from_upstream_vec(bytes, &miss.key) {
                 Ok(answer) => {
                     self.stats.bump(Counter::UpstreamAnswers);
                     Some(answer)
@@ -253,7 +253,7 @@ impl Handler {
                 Kind::Success | Kind::Other => CacheType::Success,
             };
             let before = self.shard.counts().evictions;
-            self.shard.insert(&miss.key, answer, now);
+            self.shard.insert_owned(miss.key, answer, now);
             let evictions = self.shard.counts().evictions;
             // An insert evicts from the cache it goes into.
             self.stats
