@@ -1041,19 +1041,38 @@ struct Bind {
 
 impl Bind {
     /// Whether the kernel would refuse one of the two listeners (neither reuses the other's
-    /// port): the same port on the same IP, or on a wildcard IP that covers the other's.
+    /// port): the same port (not 0, which binds a fresh one each time) on the same IP (and
+    /// interface, for a scoped IPv6 address), or on a wildcard IP that covers the other's.
     fn clashes_with(&self, other: &Bind) -> bool {
-        self.addr.port() == other.addr.port()
-            && (self.addr.ip() == other.addr.ip() || self.covers(other) || other.covers(self))
+        let (mine, theirs) = (self.bound_ip(), other.bound_ip());
+        let same_ip = mine == theirs
+            && match (self.addr, other.addr) {
+                (SocketAddr::V6(a), SocketAddr::V6(b)) => {
+                    a.scope_id() == b.scope_id() || a.scope_id() == 0 || b.scope_id() == 0
+                }
+                _ => true,
+            };
+        self.addr.port() != 0
+            && self.addr.port() == other.addr.port()
+            && (same_ip || self.covers(other) || other.covers(self))
+    }
+
+    /// The IP the socket ends up bound to: an HTTP listener (a dual-stack socket) given an
+    /// IPv4-mapped IPv6 address binds that IPv4 address.
+    fn bound_ip(&self) -> IpAddr {
+        match self.kind {
+            BindKind::Http => self.addr.ip().to_canonical(),
+            BindKind::Dns => self.addr.ip(),
+        }
     }
 
     /// Whether this is a wildcard address that takes `other`'s IP: `0.0.0.0` every IPv4
     /// address, `[::]` every IPv6 one, and every IPv4 one too unless IPV6_V6ONLY.
     fn covers(&self, other: &Bind) -> bool {
-        match self.addr.ip() {
-            IpAddr::V4(ip) => ip.is_unspecified() && other.addr.is_ipv4(),
+        match self.bound_ip() {
+            IpAddr::V4(ip) => ip.is_unspecified() && other.bound_ip().is_ipv4(),
             IpAddr::V6(ip) => {
-                ip.is_unspecified() && (other.addr.is_ipv6() || self.kind == BindKind::Http)
+                ip.is_unspecified() && (other.bound_ip().is_ipv6() || self.kind == BindKind::Http)
             }
         }
     }
@@ -2545,6 +2564,33 @@ mod tests {
         ] {
             assert!(parse_text(fine).is_ok(), "{fine}");
         }
+    }
+
+    #[test]
+    fn endpoints_that_bind_side_by_side_do_not_clash() {
+        for fine in [
+            // Port 0 binds a fresh port each time.
+            "[health]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"0.0.0.0:0\"\n",
+            // Scoped link-local addresses on different interfaces.
+            "[server]\nlisten = [\"[fe80::1%1]:53\"]\n[health]\nlisten = \"[fe80::1%2]:53\"\n",
+            // An IPv4-mapped HTTP address is IPv4, which the IPv6-only DNS socket leaves free.
+            "[server]\nlisten = [\"[::]:9253\"]\n[metrics]\nlisten = \"[::ffff:127.0.0.1]:9253\"\n",
+        ] {
+            assert!(
+                parse_text(fine).is_ok(),
+                "{fine}: {:?}",
+                parse_text(fine).err()
+            );
+        }
+        // ... and binds that IPv4 address, which 0.0.0.0 or the same IPv4 listen address takes.
+        assert!(error_of("[health]\nlisten = \"[::ffff:127.0.0.1]:9253\"\n")
+            .contains("overlaps 0.0.0.0:9253 of metrics.listen (default: 0.0.0.0:9253)"));
+        assert!(error_of(
+            "[server]\nlisten = [\"127.0.0.1:53\"]\n[health]\nlisten = \"[::ffff:127.0.0.1]:53\"\n"
+        )
+        .contains(
+            "health.listen: [::ffff:127.0.0.1]:53 overlaps 127.0.0.1:53 of server.listen[0]"
+        ));
     }
 
     #[test]

@@ -166,7 +166,7 @@ impl Router {
     }
 
     /// Index of the zone for `qname` (wire format, as from [`Question::name`]), or `None` if no
-    /// zone matches. `"."` matches every name; on equal length the earlier zone wins.
+    /// zone matches. `"."` matches every well-formed name; on equal length the earlier zone wins.
     pub(crate) fn route(&self, qname: &[u8]) -> Option<usize> {
         // The name's suffixes at its label boundaries, longest first: the first one that is a
         // zone is the longest matching zone. Length octets (≤ 63) are no ASCII letters, so a
