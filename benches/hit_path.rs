@@ -219,6 +219,9 @@ fn miss_path(c: &mut Criterion) {
         b.iter(|| worker.miss(now))
     });
     assert_eq!(worker.answered, worker.misses(), "every miss was answered");
+    let (accepted, evicted) = worker.accepted_and_evicted();
+    assert_eq!(accepted, worker.misses(), "every answer was accepted");
+    assert!(evicted > 0, "the cache filled and evicted");
 }
 
 criterion_group!(benches, hit_path, miss_path);

@@ -18,8 +18,8 @@
 //!   budget.
 //! - **Sockets are handled cleanly**: nothing is sent on or closed twice from a socket that is
 //!   not open; the open sockets are exactly the ones the exchanges track; once everything is
-//!   answered and time has passed, at most 8 per upstream of the configuration in force are
-//!   left (`SOCKETS_PER_UPSTREAM`; those of older configurations closed).
+//!   answered and time has passed, only sockets to UDP upstreams of the configuration in force
+//!   are left, at most 8 each (`SOCKETS_PER_UPSTREAM`; those of older configurations closed).
 //!
 //! Runs on: the fuzzer's or the test's thread; pure (the clock is simulated).
 
@@ -267,14 +267,26 @@ pub(crate) fn exchanges(data: &[u8]) {
     );
     assert!(run.exchanges.is_empty());
     assert_eq!(run.exchanges.next_timer(), None, "a timer left behind");
-    let upstreams: std::collections::BTreeSet<_> =
-        run.zones.iter().flat_map(|zone| &zone.upstreams).collect();
-    assert!(
-        run.exchanges.sockets() <= SOCKETS_PER_UPSTREAM * upstreams.len(),
-        "{} sockets left open for {} upstreams",
-        run.exchanges.sockets(),
-        upstreams.len()
-    );
+    // Idle: only sockets to the UDP upstreams of the configuration in force are left, at most
+    // SOCKETS_PER_UPSTREAM each (those of older configurations were closed once idle).
+    let mut per_upstream: BTreeMap<SocketAddr, usize> = BTreeMap::new();
+    for opened in run.io.open.iter().flatten() {
+        *per_upstream.entry(opened.addr).or_default() += 1;
+    }
+    for (addr, sockets) in per_upstream {
+        let in_force = run
+            .zones
+            .iter()
+            .any(|zone| zone.transport == Transport::Udp && zone.upstreams.contains(&addr));
+        assert!(
+            in_force,
+            "{sockets} sockets left open to {addr}, no UDP upstream now"
+        );
+        assert!(
+            sockets <= SOCKETS_PER_UPSTREAM,
+            "{sockets} sockets left open to {addr}"
+        );
+    }
 }
 
 impl Run {
@@ -390,8 +402,8 @@ impl Run {
                     *byte = byte.to_ascii_uppercase();
                 }
             }
-            6 => datagram[2] &= 0x7f, // QR=0: a reflected query
-            7 => datagram[1] ^= 1 + how % 3,
+            6 => datagram[2] &= 0x7f,          // QR=0: a reflected query
+            7 => datagram[1] ^= (how / 9) | 1, // another ID (how % 9 is 7 here)
             _ => {
                 // Another question with the same ID.
                 datagram.splice(12..12, wire_name("other.example"));

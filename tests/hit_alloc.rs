@@ -218,13 +218,25 @@ fn a_udp_miss_allocates_a_bounded_number_of_times() {
     for _ in 0..12_000 {
         worker.miss(now);
     }
-    let misses = 1000;
+    let misses: u32 = 1000;
+    let (accepted, evicted) = worker.accepted_and_evicted();
     let allocations = allocations_in(|| {
         for _ in 0..misses {
             worker.miss(now);
         }
     });
     assert_eq!(worker.answered, worker.misses(), "every miss was answered");
+    let (accepted_after, evicted_after) = worker.accepted_and_evicted();
+    assert_eq!(
+        accepted_after - accepted,
+        u64::from(misses),
+        "every answer accepted"
+    );
+    assert_eq!(
+        evicted_after - evicted,
+        u64::from(misses),
+        "every insert evicted"
+    );
     let per_miss = allocations as f64 / f64::from(misses);
     eprintln!("{per_miss} allocations per UDP miss");
     assert!(
