@@ -937,6 +937,13 @@ pub enum AddressProblem {
         /// The text after `%`.
         scope: String,
     },
+    /// An IPv4-mapped IPv6 listen address: the DNS sockets are IPv6-only (IPV6_V6ONLY, so
+    /// IPv4 and IPv6 entries never clash), and such a socket cannot bind it (EINVAL).
+    #[error("an IPv4-mapped IPv6 address cannot be a listen address: write {ipv4}")]
+    MappedListen {
+        /// The address as IPv4.
+        ipv4: SocketAddr,
+    },
 }
 
 /// Why a string is not a zone name.
@@ -1648,7 +1655,7 @@ impl Document<'_> {
         for (index, entry) in entries.iter().enumerate() {
             let key = format!("server.listen[{index}]");
             let text = self.expand(entry, &key, true)?;
-            let addr = parse_socket_addr(&text, None).map_err(|reason| {
+            let bad = |reason| {
                 self.invalid(
                     entry.span(),
                     key.as_str(),
@@ -1657,7 +1664,12 @@ impl Document<'_> {
                         reason,
                     },
                 )
-            })?;
+            };
+            let addr = parse_socket_addr(&text, None).map_err(bad)?;
+            if let (SocketAddr::V6(v6), IpAddr::V4(ipv4)) = (addr, addr.ip().to_canonical()) {
+                let ipv4 = SocketAddr::new(IpAddr::V4(ipv4), v6.port());
+                return Err(bad(AddressProblem::MappedListen { ipv4 }));
+            }
             if let Some(&(_, first_line)) = seen.iter().find(|(seen, _)| *seen == addr) {
                 return Err(self.invalid(
                     entry.span(),
@@ -2591,6 +2603,15 @@ mod tests {
         .contains(
             "health.listen: [::ffff:127.0.0.1]:53 overlaps 127.0.0.1:53 of server.listen[0]"
         ));
+    }
+
+    #[test]
+    fn an_ipv4_mapped_listen_address_is_rejected_with_its_ipv4_form() {
+        assert_eq!(
+            error_of("[server]\nlisten = [\"[::ffff:127.0.0.1]:53\"]\n"),
+            "/etc/ringdns.toml:2: server.listen[0]: \"[::ffff:127.0.0.1]:53\" is not a listen \
+             address: an IPv4-mapped IPv6 address cannot be a listen address: write 127.0.0.1:53"
+        );
     }
 
     #[test]
