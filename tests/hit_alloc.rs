@@ -205,10 +205,10 @@ mod worker_miss;
 
 /// Heap allocations of one UDP miss through a worker (tests/support/worker_miss.rs), once the
 /// cache is full and every insert evicts: the query kept for the waiting client, the miss
-/// table's key (which becomes the cache entry's), the upstream query, the exchange's question
-/// and attempt list, the answer as received (which becomes the cache entry's) and its TTL
-/// offsets: 7. There were 13 (zone routing collected labels, the answer was copied and both of
-/// its buffers shrunk, the key copied). A regression guard: a change that adds work per miss
+/// table's key (which becomes the cache entry's), the upstream query, the answer as received
+/// (which becomes the cache entry's) and its TTL offsets: 5. There were 13 (zone routing
+/// collected labels, the exchange copied its question and allocated its attempt list, the
+/// answer was copied and both of its buffers shrunk, the key copied). A regression guard: a change that adds work per miss
 /// shows here before it shows, blurred by the host, in perf/run.sh.
 #[test]
 fn a_udp_miss_allocates_a_bounded_number_of_times() {
@@ -246,7 +246,7 @@ fn a_udp_miss_allocates_a_bounded_number_of_times() {
 }
 
 /// See [`a_udp_miss_allocates_a_bounded_number_of_times`].
-const MISS_ALLOCATIONS: f64 = 7.0;
+const MISS_ALLOCATIONS: f64 = 5.0;
 
 /// [`query`] with a fixed ID.
 fn query_for(qname: &str) -> Vec<u8> {

@@ -100,6 +100,23 @@ pub(crate) fn mark_truncated(msg: &mut [u8]) {
     }
 }
 
+/// The wire qname of the single question of `msg`; `None` unless QDCOUNT is 1 and the
+/// question is well-formed and uncompressed. Allocates nothing (unlike [`parse_question`]).
+pub(crate) fn question_name(msg: &[u8]) -> Option<&[u8]> {
+    question_parts(msg).map(|(name, _, _)| name)
+}
+
+/// Whether `msg` carries exactly the question of `query` (as [`question_matches`] with
+/// `parse_question(query)`, without building it).
+pub(crate) fn same_question(msg: &[u8], query: &[u8]) -> bool {
+    match (question_parts(msg), question_parts(query)) {
+        (Some((name, qtype, qclass)), Some((asked, asked_type, asked_class))) => {
+            qtype == asked_type && qclass == asked_class && name.eq_ignore_ascii_case(asked)
+        }
+        _ => false,
+    }
+}
+
 /// Splits the question of `msg` into (wire qname, qtype, qclass).
 fn question_parts(msg: &[u8]) -> Option<(&[u8], u16, u16)> {
     let qdcount = u16::from_be_bytes([*msg.get(4)?, *msg.get(5)?]);
@@ -254,6 +271,24 @@ mod tests {
         assert!(question_matches(&query("www.EXAMPLE.com.", 1), &q));
         assert!(!question_matches(&query("www.example.com.", 28), &q));
         assert!(!question_matches(&query("www.example.org.", 1), &q));
+    }
+
+    #[test]
+    fn same_question_compares_as_question_matches_does() {
+        let asked = query("www.example.com.", 1);
+        assert_eq!(
+            question_name(&asked),
+            Some(wire("www.example.com.").as_slice())
+        );
+        assert!(same_question(&query("www.EXAMPLE.com.", 1), &asked));
+        assert!(!same_question(&query("www.example.com.", 28), &asked));
+        assert!(!same_question(&query("www.example.org.", 1), &asked));
+        let mut other_class = query("www.example.com.", 1);
+        let last = other_class.len() - 1;
+        other_class[last] = 3;
+        assert!(!same_question(&other_class, &asked));
+        assert!(!same_question(&[0; 11], &asked));
+        assert!(!same_question(&asked, &[0; 11]));
     }
 
     #[test]

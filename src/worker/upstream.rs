@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::{ForwardZone, Transport};
-use crate::upstream::route::{self, Question, Router};
+use crate::upstream::route::{self, Router};
 use crate::upstream::{
     slice_for, upstream_addrs, Echoes, Error, Failure, Health, Order, Outcome, Reply, Request,
     Retransmit, Rotation, UpstreamMetrics, Via, MAX_CONSECUTIVE_ERRORS, QUERIES_PER_SOCKET,
@@ -238,14 +238,12 @@ struct Exchange {
     zone: usize,
     /// The query (ID 0; each attempt sends it with its own ID).
     query: Vec<u8>,
-    /// Its question, which an answer must repeat.
-    question: Question,
     /// The zone members not tried yet, in order.
     order: Order,
     /// The member whose slice is running (none after the last slice ran out).
     current: Option<usize>,
     /// Attempts still listening.
-    attempts: Vec<Attempt>,
+    attempts: Attempts,
     /// When the current slice ends.
     slice_end: Instant,
     /// When the budget is spent.
@@ -271,6 +269,47 @@ struct Attempt {
     resent: bool,
     /// The retransmission timeout it was sent with.
     timeout: Duration,
+}
+
+/// An exchange's attempts, in no particular order: the first inline, as most exchanges need
+/// only one, so starting an exchange allocates no list.
+#[derive(Debug, Default)]
+struct Attempts {
+    /// Some whenever `rest` is not empty.
+    first: Option<Attempt>,
+    rest: Vec<Attempt>,
+}
+
+impl Attempts {
+    fn push(&mut self, attempt: Attempt) {
+        match self.first {
+            None => self.first = Some(attempt),
+            Some(_) => self.rest.push(attempt),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Attempt> {
+        self.first.iter().chain(&self.rest)
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut Attempt> {
+        self.first.iter_mut().chain(&mut self.rest)
+    }
+
+    /// Removes and returns an attempt matching `matches`.
+    fn take(&mut self, matches: impl Fn(&Attempt) -> bool) -> Option<Attempt> {
+        if self.first.as_ref().is_some_and(&matches) {
+            let taken = self.first.take();
+            self.first = self.rest.pop();
+            return taken;
+        }
+        let position = self.rest.iter().position(matches)?;
+        Some(self.rest.swap_remove(position))
+    }
 }
 
 impl Exchanges {
@@ -314,11 +353,11 @@ impl Exchanges {
         if request.via != Via::Zone {
             return Some(request);
         }
-        let Some(question) = route::parse_question(&request.query) else {
+        let Some(name) = route::question_name(&request.query) else {
             return Some(request);
         };
         let plan = Rc::clone(&self.plan);
-        let Some(zone_index) = plan.router.route(question.name()) else {
+        let Some(zone_index) = plan.router.route(name) else {
             return Some(request);
         };
         let Some(zone) = plan.zones.get(zone_index).filter(|zone| zone.local) else {
@@ -330,9 +369,8 @@ impl Exchanges {
             plan: Rc::clone(&plan),
             zone: zone_index,
             query: request.query,
-            question,
             current: None,
-            attempts: Vec::with_capacity(1),
+            attempts: Attempts::default(),
             slice_end: deadline,
             deadline,
         };
@@ -497,7 +535,7 @@ impl Exchanges {
         let id = route::message_id(datagram)?;
         let token = *self.sockets.get(&socket)?.inflight.get(&id)?;
         let exchange = self.exchanges.get(&token)?;
-        (route::is_response(datagram) && route::question_matches(datagram, &exchange.question))
+        (route::is_response(datagram) && route::same_question(datagram, &exchange.query))
             .then_some((token, id))
     }
 
@@ -583,7 +621,7 @@ impl Exchanges {
         // either copy counts) until its slice ends; a lost datagram then costs the
         // retransmission timeout (250 ms for a fast upstream), not the slice.
         let plan = Rc::clone(&exchange.plan);
-        for attempt in &mut exchange.attempts {
+        for attempt in exchange.attempts.iter_mut() {
             let due = Some(attempt.member) == exchange.current
                 && attempt.retransmit_at <= now
                 && now < exchange.slice_end;
@@ -646,14 +684,12 @@ impl Exchanges {
             let Some(exchange) = self.exchanges.get_mut(&token) else {
                 continue;
             };
-            let Some(position) = exchange
+            let Some(attempt) = exchange
                 .attempts
-                .iter()
-                .position(|attempt| attempt.socket == index && attempt.id == id)
+                .take(|attempt| attempt.socket == index && attempt.id == id)
             else {
                 continue;
             };
-            let attempt = exchange.attempts.swap_remove(position);
             let plan = Rc::clone(&exchange.plan);
             if let Some((zone, upstream)) = plan.member(exchange.zone, attempt.member) {
                 let error = Error::Io {
@@ -684,7 +720,7 @@ impl Exchanges {
     /// Frees the IDs of `exchange`'s attempts (remembering those sent more than once as echoes);
     /// a retired socket left idle is queued to close.
     fn release(&mut self, exchange: &Exchange, now: Instant) {
-        for attempt in &exchange.attempts {
+        for attempt in exchange.attempts.iter() {
             let Some(socket) = self.sockets.get_mut(&attempt.socket) else {
                 continue;
             };
