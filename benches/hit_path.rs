@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 
-use ringdns::cache::{Limits, Lookup, Shard};
+use ringdns::cache::{Lookup, Shard};
 use ringdns::dns::{self, Answer, Query, KEY_MAX};
 use ringdns::upstream::{Outcome, Reply};
 use ringdns::worker::handler::{Action, Handler, Settings};
@@ -33,17 +33,6 @@ const QNAME: &str = "svc-1.default.svc.cluster.local";
 const QNAME_MIXED: &str = "SVC-1.Default.svc.CLUSTER.local";
 /// Our EDNS payload size (the config default).
 const UDP_PAYLOAD: u16 = 1232;
-
-/// NodeLocal DNSCache's cache settings (the config defaults).
-fn limits() -> Limits {
-    Limits {
-        success_capacity: 9984,
-        success_ttl: Duration::from_secs(30),
-        denial_capacity: 9984,
-        denial_ttl: Duration::from_secs(5),
-        servfail_ttl: Duration::ZERO,
-    }
-}
 
 /// Wire-format name.
 fn name(dotted: &str) -> Vec<u8> {
@@ -88,7 +77,7 @@ fn upstream_answer(upstream_query: &[u8]) -> Vec<u8> {
 fn warmed_handler(now: Instant) -> Handler {
     let settings = Settings {
         udp_payload: UDP_PAYLOAD,
-        limits: limits(),
+        limits: worker_miss::default_limits(),
         miss_deadline: Duration::from_secs(3),
         max_misses: 64,
         max_waiters: 8,
@@ -129,7 +118,7 @@ fn warmed_shard(now: Instant) -> (Shard, Answer) {
     let key = key_of(&miss);
     let upstream = upstream_answer(&dns::upstream_query(&parsed, UDP_PAYLOAD));
     let answer = Answer::from_upstream(&upstream, &key).expect("the upstream answer is valid");
-    let mut shard = Shard::new(limits());
+    let mut shard = Shard::new(worker_miss::default_limits());
     assert!(
         shard.insert(&key, answer.clone(), now),
         "a 30 s answer is cached"

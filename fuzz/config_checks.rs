@@ -14,10 +14,9 @@
 //! Runs on: the fuzzer's or the test's thread; reads no file and no environment variable (an
 //! IPv6 scope given by interface name is still looked up, with `if_nametoindex`).
 
-use std::io;
 use std::path::Path;
 
-use ringdns::config::{Config, ConfigError, Host, Problem};
+use ringdns::config::{Config, ConfigError, Problem};
 
 /// The path every input claims to come from (the DaemonSet's and the systemd unit's).
 pub(crate) const SOURCE: &str = "/etc/ringdns/config.toml";
@@ -42,25 +41,9 @@ pub(crate) const FILES: [(&str, &str); 2] = [
     ),
 ];
 
-/// Parses `text` as [`SOURCE`] against the fake host ([`VARS`], [`FILES`]).
+/// Parses `text` as [`SOURCE`] in the fake world ([`VARS`], [`FILES`]).
 fn parse(text: &str) -> Result<Config, ConfigError> {
-    let var = |name: &str| {
-        VARS.iter()
-            .find(|(key, _)| *key == name)
-            .map(|(_, value)| (*value).to_owned())
-    };
-    let read = |path: &Path| {
-        FILES
-            .iter()
-            .find(|(name, _)| Path::new(name) == path)
-            .map(|(_, text)| (*text).to_owned())
-            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
-    };
-    let host = Host {
-        var: &var,
-        read: &read,
-    };
-    Config::parse_with(text, Some(Path::new(SOURCE)), &host)
+    Config::parse_isolated(text, Some(Path::new(SOURCE)), &VARS, &FILES)
 }
 
 /// Asserts that `error`, for `text`, says what an operator needs (see the module docs).

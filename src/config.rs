@@ -431,9 +431,37 @@ impl Config {
         Config::parse_with(text, source, &host)
     }
 
-    /// [`Config::parse`] with the environment and the file system given by `host` instead of
-    /// the process's: for tests and the fuzz target, which must not read arbitrary files.
-    pub fn parse_with(
+    /// [`Config::parse`] in a fixed world instead of the process's: `vars` are the only
+    /// environment variables (name, value) and `files` the only readable files (path,
+    /// contents; any other is not found). For tests and the fuzz target, which must neither
+    /// mutate the process environment nor read the files their input names.
+    pub fn parse_isolated(
+        text: &str,
+        source: Option<&Path>,
+        vars: &[(&str, &str)],
+        files: &[(&str, &str)],
+    ) -> Result<Config, ConfigError> {
+        let var = |name: &str| {
+            vars.iter()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| (*value).to_owned())
+        };
+        let read = |path: &Path| {
+            files
+                .iter()
+                .find(|(name, _)| Path::new(name) == path)
+                .map(|(_, text)| (*text).to_owned())
+                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+        };
+        let host = Host {
+            var: &var,
+            read: &read,
+        };
+        Config::parse_with(text, source, &host)
+    }
+
+    /// [`Config::parse`] against `host`.
+    fn parse_with(
         text: &str,
         source: Option<&Path>,
         host: &Host<'_>,
@@ -1015,13 +1043,12 @@ fn parse_duration_value(s: &str) -> Result<Duration, DurationProblem> {
 
 /// The outside world parsing reads: environment variables (`${VAR}`) and files (resolv.conf
 /// upstreams, and `/etc/resolv.conf` when the file has no `[[forward]]`). [`Config::parse`]
-/// uses the process's; [`Config::parse_with`] takes fakes, so tests never mutate the process
-/// environment (they run in parallel threads) and the fuzz target reads no file its input names.
-pub struct Host<'a> {
+/// uses the process's; [`Config::parse_isolated`] a fixed one.
+struct Host<'a> {
     /// Value of an environment variable, `None` if unset (or not UTF-8).
-    pub var: &'a dyn Fn(&str) -> Option<String>,
+    var: &'a dyn Fn(&str) -> Option<String>,
     /// Contents of a file (a resolv.conf upstream).
-    pub read: &'a dyn Fn(&Path) -> io::Result<String>,
+    read: &'a dyn Fn(&Path) -> io::Result<String>,
 }
 
 /// What binds a TCP port at start-up (`Document::endpoints` checks they can all bind).
@@ -2273,23 +2300,7 @@ mod tests {
         vars: &[(&str, &str)],
         files: &[(&str, &str)],
     ) -> Result<Config, ConfigError> {
-        let var = |name: &str| {
-            vars.iter()
-                .find(|(key, _)| *key == name)
-                .map(|(_, value)| (*value).to_owned())
-        };
-        let read = |path: &Path| {
-            files
-                .iter()
-                .find(|(name, _)| Path::new(name) == path)
-                .map(|(_, text)| (*text).to_owned())
-                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
-        };
-        let host = Host {
-            var: &var,
-            read: &read,
-        };
-        Config::parse_with(text, source.map(Path::new), &host)
+        Config::parse_isolated(text, source.map(Path::new), vars, files)
     }
 
     /// Parses `text` from `/etc/ringdns.toml` with only the fake `/etc/resolv.conf`.

@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ringdns::cache::Limits;
 use ringdns::upstream::{Outcome, Reply};
 use ringdns::worker::handler::{Action, Handler, Settings};
 use ringdns::worker::pending::Origin;
@@ -112,13 +111,7 @@ fn upstream_answer(upstream_query: &[u8]) -> Vec<u8> {
 fn cache_hit_does_not_allocate() {
     let settings = Settings {
         udp_payload: 1232,
-        limits: Limits {
-            success_capacity: 9984,
-            success_ttl: Duration::from_secs(30),
-            denial_capacity: 9984,
-            denial_ttl: Duration::from_secs(5),
-            servfail_ttl: Duration::ZERO,
-        },
+        limits: worker_miss::default_limits(),
         miss_deadline: Duration::from_secs(3),
         max_misses: 64,
         max_waiters: 8,

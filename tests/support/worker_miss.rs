@@ -17,7 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ringdns::cache::Limits;
-use ringdns::config::{ForwardZone, Transport};
+use ringdns::config::{
+    ForwardZone, Transport, DENIAL_CAPACITY, DENIAL_TTL, SERVFAIL_TTL, SUCCESS_CAPACITY,
+    SUCCESS_TTL,
+};
 use ringdns::worker::handler::{Action, Handler, Settings};
 use ringdns::worker::pending::Origin;
 use ringdns::worker::stats::{Counter, WorkerStats};
@@ -26,9 +29,21 @@ use ringdns::worker::upstream::{Done, Exchanges, ForwardSetup, UpstreamIo};
 /// Distinct names the misses cycle through.
 const NAMES: usize = 20_000;
 /// Our EDNS payload size (the config default).
-const UDP_PAYLOAD: u16 = 1232;
+const UDP_PAYLOAD: u16 = ringdns::config::UDP_PAYLOAD.default;
 /// The length of the OPT record ringdns appends to its upstream queries (no options).
 const OPT_LEN: usize = 11;
+
+/// The cache limits of ringdns' default configuration (NodeLocal DNSCache's: 9984 + 9984
+/// entries, 30 s / 5 s caps, SERVFAIL not cached).
+pub(crate) fn default_limits() -> Limits {
+    Limits {
+        success_capacity: SUCCESS_CAPACITY.default,
+        success_ttl: SUCCESS_TTL.default,
+        denial_capacity: DENIAL_CAPACITY.default,
+        denial_ttl: DENIAL_TTL.default,
+        servfail_ttl: SERVFAIL_TTL.default,
+    }
+}
 
 /// The upstream side: sockets are numbers, and the last query sent is kept in one reused
 /// buffer, so that this harness allocates nothing per miss.
@@ -78,13 +93,7 @@ impl WorkerMiss {
     pub(crate) fn new(query: impl Fn(&str) -> Vec<u8>) -> WorkerMiss {
         let settings = Settings {
             udp_payload: UDP_PAYLOAD,
-            limits: Limits {
-                success_capacity: 9984,
-                success_ttl: Duration::from_secs(30),
-                denial_capacity: 9984,
-                denial_ttl: Duration::from_secs(5),
-                servfail_ttl: Duration::ZERO,
-            },
+            limits: default_limits(),
             miss_deadline: Duration::from_secs(3),
             max_misses: 4096,
             max_waiters: 1024,
