@@ -419,11 +419,6 @@ impl Answer {
         self.ttl_secs
     }
 
-    /// Bytes held, for accounting.
-    pub fn size(&self) -> usize {
-        self.message.capacity() + self.ttl_offsets.capacity() * 2
-    }
-
     /// Writes this answer for `query` into `out`: the client's ID, qname case, RD and CD; RA
     /// set; every TTL set to `ttl_secs`; an OPT record iff the query had one. If it exceeds
     /// `limit` bytes (or `out`), writes header + question (+ OPT) with TC=1 instead (RFC 2181

@@ -90,24 +90,18 @@ mod tests {
     #[test]
     fn waits_only_when_the_rate_expects_half_a_datagram_per_wait() {
         let start = Instant::now();
-        // 1,000 qps: 0.2 expected per 200 µs wait.
         let mut total = 0;
-        let mut pace = Pace::new(start, total);
-        assert_eq!(
-            run(&mut pace, start, &mut total, 1_000, WINDOW * 3),
-            Duration::ZERO
-        );
-        // 5,000 qps: 1 expected.
-        let mut pace = Pace::new(start, total);
-        assert_eq!(run(&mut pace, start, &mut total, 5_000, WINDOW * 3), WAIT);
-        // 2,000 qps: 0.4; 3,000 qps: 0.6.
-        let mut pace = Pace::new(start, total);
-        assert_eq!(
-            run(&mut pace, start, &mut total, 2_000, WINDOW * 3),
-            Duration::ZERO
-        );
-        let mut pace = Pace::new(start, total);
-        assert_eq!(run(&mut pace, start, &mut total, 3_000, WINDOW * 3), WAIT);
+        // Datagrams expected per 200 µs wait: 0.2, 1, 0.4, 0.6.
+        for (rate, expected) in [
+            (1_000, Duration::ZERO),
+            (5_000, WAIT),
+            (2_000, Duration::ZERO),
+            (3_000, WAIT),
+        ] {
+            let mut pace = Pace::new(start, total);
+            let wait = run(&mut pace, start, &mut total, rate, WINDOW * 3);
+            assert_eq!(wait, expected, "{rate} qps");
+        }
     }
 
     #[test]
