@@ -3,14 +3,20 @@
 //!
 //! Runs on: worker threads (io_uring backend).
 //!
-//! Both live at fixed addresses for the ring's whole life (allocated once, never resized) and
-//! are freed only after the ring has been drained (`ring.rs`, `RingUdp::drop`).
+//! Both live at fixed addresses for the ring's whole life (mapped once, never resized) and
+//! are unmapped only after the ring has been drained (`ring.rs`, `RingUdp::drop`). They are
+//! anonymous mappings, not heap allocations: page aligned as the kernel wants the descriptor
+//! ring, zero without a memset, and resident only as far as datagrams have touched them,
+//! whatever the global allocator does with large zeroed blocks.
 
 use std::alloc::{self, Layout};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::num::NonZeroUsize;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, Ordering};
 
 use io_uring::types::BufRingEntry;
+use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
 
 /// Bytes of one provided receive buffer: the `io_uring_recvmsg_out` header, the source
 /// address, and the datagram. A query longer than what remains is reported truncated and
@@ -24,10 +30,8 @@ pub const ADDR_LEN: usize = std::mem::size_of::<libc::sockaddr_storage>();
 /// aligned as the kernel requires, pointing into one contiguous buffer area.
 #[derive(Debug)]
 pub struct BufRing {
-    /// Base of the descriptor ring (page aligned, `entries` × 16 bytes).
-    ring: *mut BufRingEntry,
-    /// Layout `ring` was allocated with.
-    ring_layout: Layout,
+    /// The descriptor ring (page aligned, `entries` × 16 bytes).
+    ring: Area,
     /// The buffers themselves, `entries` × [`RECV_BUF_LEN`]. Raw memory, never borrowed as a
     /// whole: the kernel writes some buffers while we read others.
     buffers: Area,
@@ -45,19 +49,8 @@ impl BufRing {
             entries.is_power_of_two(),
             "buffer ring size must be a power of two"
         );
-        let ring_layout = Layout::from_size_align(
-            usize::from(entries) * std::mem::size_of::<BufRingEntry>(),
-            page_size(),
-        )
-        .expect("a page-aligned layout of at most 32768 × 16 bytes is valid");
-        // SAFETY: the layout has a non-zero size (entries ≥ 1, 16-byte descriptors).
-        let ring = unsafe { alloc::alloc_zeroed(ring_layout) }.cast::<BufRingEntry>();
-        if ring.is_null() {
-            alloc::handle_alloc_error(ring_layout);
-        }
         let mut bufs = BufRing {
-            ring,
-            ring_layout,
+            ring: Area::new(usize::from(entries) * std::mem::size_of::<BufRingEntry>()),
             buffers: Area::new(usize::from(entries) * RECV_BUF_LEN),
             entries,
             tail: 0,
@@ -71,7 +64,12 @@ impl BufRing {
 
     /// Address of the descriptor ring, for registration.
     pub fn ring_addr(&self) -> u64 {
-        self.ring as u64
+        self.ring.addr(0) as u64
+    }
+
+    /// The descriptor ring's base, as the io-uring crate's helpers take it.
+    fn descriptors(&self) -> *mut BufRingEntry {
+        self.ring.addr(0).cast()
     }
 
     /// Number of descriptors.
@@ -100,8 +98,9 @@ impl BufRing {
     fn stage(&mut self, bid: u16) {
         let index = usize::from(self.tail & (self.entries - 1));
         let addr = self.buffers.addr(usize::from(bid) * RECV_BUF_LEN) as u64;
-        // SAFETY: `index < entries`, so the offset stays inside the descriptor allocation.
-        let slot = unsafe { self.ring.add(index) };
+        // SAFETY: `index < entries`, so the offset stays inside the descriptor mapping, whose
+        // page-aligned base suits the 16-byte descriptors.
+        let slot = unsafe { self.descriptors().add(index) };
         // SAFETY: `slot` is in bounds and aligned. The kernel reads only descriptors between
         // its head and the published tail; this one is past the published tail, so nothing
         // else accesses it now.
@@ -114,21 +113,13 @@ impl BufRing {
 
     /// Publishes every staged descriptor to the kernel (release store of the shared tail).
     pub fn publish(&self) {
-        // SAFETY: `self.ring` is the page-aligned base of a live descriptor ring, as
+        // SAFETY: `descriptors()` is the page-aligned base of a live descriptor ring, as
         // `BufRingEntry::tail` requires.
-        let tail = unsafe { BufRingEntry::tail(self.ring) }.cast_mut();
-        // SAFETY: the tail is a naturally aligned u16 inside the ring allocation, which the
+        let tail = unsafe { BufRingEntry::tail(self.descriptors()) }.cast_mut();
+        // SAFETY: the tail is a naturally aligned u16 inside the ring mapping, which the
         // kernel reads concurrently; an atomic store is the only correct way to write it.
         let shared = unsafe { AtomicU16::from_ptr(tail) };
         shared.store(self.tail, Ordering::Release);
-    }
-}
-
-impl Drop for BufRing {
-    fn drop(&mut self) {
-        // SAFETY: `ring` was allocated in `new` with `ring_layout` and is freed once, here.
-        // The owner unregisters or destroys the ring and drains it before dropping this.
-        unsafe { alloc::dealloc(self.ring.cast(), self.ring_layout) };
     }
 }
 
@@ -241,32 +232,37 @@ impl SendSlots {
     }
 }
 
-/// A zeroed heap area at a fixed address, shared with the kernel by raw pointer only.
+/// A zeroed anonymous mapping at a fixed address, shared with the kernel by raw pointer only
+/// (the owner unregisters it from the ring, or destroys the ring, and drains it before the drop).
 #[derive(Debug)]
 struct Area {
-    /// Base address (dangling and never dereferenced when `layout` has size 0).
+    /// Base address, page aligned (dangling and never dereferenced when `len` is 0).
     base: *mut u8,
-    /// What `base` was allocated with.
-    layout: Layout,
+    /// Bytes mapped.
+    len: usize,
 }
 
 impl Area {
-    /// A zeroed area of `len` bytes, cache-line aligned.
+    /// A zeroed, page-aligned area of `len` bytes; aborts as out of memory if it cannot be
+    /// mapped.
     fn new(len: usize) -> Area {
-        let layout =
-            Layout::from_size_align(len, 64).expect("buffer areas are far below isize::MAX");
-        if len == 0 {
+        let Some(length) = NonZeroUsize::new(len) else {
             return Area {
-                base: std::ptr::NonNull::dangling().as_ptr(),
-                layout,
+                base: NonNull::dangling().as_ptr(),
+                len,
             };
+        };
+        let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
+        // SAFETY: a private anonymous mapping where the kernel chooses aliases no other memory.
+        match unsafe { mmap_anonymous(None, length, prot, MapFlags::MAP_PRIVATE) } {
+            Ok(base) => Area {
+                base: base.as_ptr().cast(),
+                len,
+            },
+            Err(_) => alloc::handle_alloc_error(
+                Layout::from_size_align(len, page_size()).unwrap_or(Layout::new::<u8>()),
+            ),
         }
-        // SAFETY: the layout has a non-zero size.
-        let base = unsafe { alloc::alloc_zeroed(layout) };
-        if base.is_null() {
-            alloc::handle_alloc_error(layout);
-        }
-        Area { base, layout }
     }
 
     /// The address `offset` bytes in (computed without creating a reference).
@@ -281,7 +277,7 @@ impl Area {
     /// `offset + len` must be within the area, and nobody (the kernel included) may write
     /// those bytes while the borrow lives.
     unsafe fn slice(&self, offset: usize, len: usize) -> &[u8] {
-        debug_assert!(offset + len <= self.layout.size());
+        debug_assert!(offset + len <= self.len);
         // SAFETY: in bounds and not written concurrently, as the caller guarantees.
         unsafe { std::slice::from_raw_parts(self.addr(offset), len) }
     }
@@ -293,7 +289,7 @@ impl Area {
     /// `offset + len` must be within the area, and nobody (the kernel included) may read or
     /// write those bytes while the borrow lives.
     unsafe fn slice_mut(&mut self, offset: usize, len: usize) -> &mut [u8] {
-        debug_assert!(offset + len <= self.layout.size());
+        debug_assert!(offset + len <= self.len);
         // SAFETY: in bounds and exclusively ours, as the caller guarantees.
         unsafe { std::slice::from_raw_parts_mut(self.addr(offset), len) }
     }
@@ -301,10 +297,11 @@ impl Area {
 
 impl Drop for Area {
     fn drop(&mut self) {
-        if self.layout.size() > 0 {
-            // SAFETY: allocated in `new` with this layout; freed once. Owners drain the ring
-            // before dropping (see `RingUdp::drop`), so the kernel no longer uses it.
-            unsafe { alloc::dealloc(self.base, self.layout) };
+        if let Some(base) = NonNull::new(self.base.cast()).filter(|_| self.len > 0) {
+            // SAFETY: mapped in `new` with this length; unmapped once. Owners drain the ring
+            // before dropping (see `RingUdp::drop`), so the kernel no longer uses it, and no
+            // borrow of it outlives `self`. An error here could only leak the mapping.
+            let _ = unsafe { munmap(base, self.len) };
         }
     }
 }
