@@ -1,4 +1,4 @@
-//! The `ringdns` command: argh → Config::load → ringdns::run(config, shutdown). Nothing else.
+//! The `ringdns` command: argh → Config::load → ringdns::run(config, shutdown), on mimalloc.
 //!
 //! Runs on: the main thread.
 #![forbid(unsafe_code)]
@@ -8,6 +8,14 @@ use std::process::ExitCode;
 
 use argh::FromArgs;
 use ringdns::config::Config;
+
+/// mimalloc instead of glibc's malloc. A miss keeps several allocations alive until its answer
+/// comes (100s in flight under load, past glibc's 7-chunk per-size thread cache), and over TCP
+/// they cross threads (a worker's request is freed on `ringdns-ctl`, the control side's answer on
+/// the worker), glibc's slow path; mimalloc's per-thread pages and free lists serve both. A
+/// cache hit allocates nothing, so the hit path is the same with either (perf/RESULTS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// ringdns: a node-local DNS cache with one pinned io_uring worker per core.
 #[derive(FromArgs, Debug)]
