@@ -42,6 +42,34 @@ pub fn fixed_rate(
     qps: u32,
     secs: u32,
 ) -> anyhow::Result<Run> {
+    run(
+        server,
+        query_file,
+        qps,
+        &["-l", &secs.to_string()],
+        Duration::from_secs(u64::from(secs) + 20),
+    )
+}
+
+/// Sends each `name TYPE` line of `query_file` to `server` once, at most `qps` queries per
+/// second over 4 client sockets; bounded by `limit`.
+pub fn once(
+    server: SocketAddr,
+    query_file: &Path,
+    qps: u32,
+    limit: Duration,
+) -> anyhow::Result<Run> {
+    run(server, query_file, qps, &["-n", "1"], limit)
+}
+
+/// One dnsperf run with the common flags and `extra`, bounded by `limit`.
+fn run(
+    server: SocketAddr,
+    query_file: &Path,
+    qps: u32,
+    extra: &[&str],
+    limit: Duration,
+) -> anyhow::Result<Run> {
     let output = run_bounded(
         Command::new("dnsperf")
             .arg("-s")
@@ -52,11 +80,10 @@ pub fn fixed_rate(
             .arg(TIMEOUT_SECS.to_string())
             .arg("-Q")
             .arg(qps.to_string())
-            .arg("-l")
-            .arg(secs.to_string())
+            .args(extra)
             .arg("-d")
             .arg(query_file),
-        Duration::from_secs(u64::from(secs) + 20),
+        limit,
     )?;
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let count = |label: &str| -> anyhow::Result<u64> {

@@ -494,6 +494,20 @@ impl Ringdns {
         Ok(Duration::from_millis(ticks * 1000 / hz))
     }
 
+    /// The process's resident set size now (`VmRSS` of /proc/PID/status), in bytes.
+    pub fn rss(&self) -> anyhow::Result<u64> {
+        let child = self.child.as_ref().context("ringdns already stopped")?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
+        let kib = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.trim().strip_suffix("kB"))
+            .context("VmRSS in /proc/PID/status")?
+            .trim()
+            .parse::<u64>()?;
+        Ok(kib * 1024)
+    }
+
     /// Whether the process is still running. Once it has exited, its last lines are in
     /// [`Ringdns::stderr`] before this says so.
     pub fn is_running(&mut self) -> bool {
