@@ -2204,6 +2204,13 @@ fn check_socket_path(path: &str) -> Result<(), &'static str> {
     if path.contains('\0') {
         return Err("contains a NUL byte");
     }
+    // Only from a variable's value (a written `${` is a reference): kept, the path would be
+    // expanded again where `ringdns check`'s output is used as a config file.
+    if path.contains("${") {
+        return Err(
+            "contains \"${\" (from a variable's value), which would read as a variable reference",
+        );
+    }
     Ok(())
 }
 
@@ -2503,6 +2510,36 @@ mod tests {
              path: must be an absolute path"
         );
         assert!(error_of("[node]\nhandover = \"/run/ringdns/\"\n").contains("names a directory"));
+        // A `${` that comes from a variable's value is refused: `ringdns check` prints the
+        // expanded path, which would be expanded again if used as a config file.
+        let from_variable = parse_fake(
+            "[node]\nhandover = \"/run/${DIR}/handover.sock\"\n",
+            Some("/etc/ringdns.toml"),
+            &[("DIR", "a${B}")],
+            &[("/etc/resolv.conf", HOST_RESOLV_CONF)],
+        )
+        .map(|_| ())
+        .map_err(|error| error.to_string());
+        assert_eq!(
+            from_variable,
+            Err(
+                "/etc/ringdns.toml:2: node.handover: \"/run/a${B}/handover.sock\" is not a \
+                 Unix socket path: contains \"${\" (from a variable's value), which would read \
+                 as a variable reference"
+                    .to_owned()
+            )
+        );
+        let plain = parse_fake(
+            "[node]\nhandover = \"/run/${DIR}/handover.sock\"\n",
+            Some("/etc/ringdns.toml"),
+            &[("DIR", "a$b")],
+            &[("/etc/resolv.conf", HOST_RESOLV_CONF)],
+        )
+        .expect("a `$` alone is an ordinary byte");
+        assert_eq!(
+            plain.node.handover.as_deref(),
+            Some(Path::new("/run/a$b/handover.sock"))
+        );
         assert!(
             error_of(&format!("[node]\nhandover = \"/{}\"\n", "x".repeat(107)))
                 .contains("longer than 107 bytes")
