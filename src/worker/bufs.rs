@@ -6,10 +6,11 @@
 //! Both live at fixed addresses for the ring's whole life (mapped once, never resized) and
 //! are unmapped only after the ring has been drained (`ring.rs`, `RingUdp::drop`). They are
 //! anonymous mappings, not heap allocations: page aligned as the kernel wants the descriptor
-//! ring, zero without a memset, and resident only as far as datagrams have touched them,
-//! whatever the global allocator does with large zeroed blocks.
+//! ring, zero without a memset, and resident only as far as datagrams have touched them
+//! (transparent huge pages are off for the process, main.rs), whatever the global allocator
+//! does with large zeroed blocks.
 
-use std::alloc::{self, Layout};
+use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::num::NonZeroUsize;
 use std::ptr::NonNull;
@@ -42,16 +43,17 @@ pub struct BufRing {
 }
 
 impl BufRing {
-    /// Allocates a ring of `entries` (a power of two ≤ 32768) buffers, all handed to the
-    /// kernel once it is registered.
-    pub fn new(entries: u16) -> BufRing {
+    /// Maps a ring of `entries` (a power of two ≤ 32768) buffers, all handed to the kernel
+    /// once it is registered. Fails if the memory cannot be mapped (address-space or map-count
+    /// limits).
+    pub fn new(entries: u16) -> io::Result<BufRing> {
         assert!(
             entries.is_power_of_two(),
             "buffer ring size must be a power of two"
         );
         let mut bufs = BufRing {
-            ring: Area::new(usize::from(entries) * std::mem::size_of::<BufRingEntry>()),
-            buffers: Area::new(usize::from(entries) * RECV_BUF_LEN),
+            ring: Area::new(usize::from(entries) * std::mem::size_of::<BufRingEntry>())?,
+            buffers: Area::new(usize::from(entries) * RECV_BUF_LEN)?,
             entries,
             tail: 0,
         };
@@ -59,7 +61,14 @@ impl BufRing {
             bufs.stage(bid);
         }
         bufs.publish();
-        bufs
+        Ok(bufs)
+    }
+
+    /// Gives the descriptors and buffers up for good: they stay mapped for the process's life,
+    /// for a kernel that may still write them (a ring that did not drain).
+    pub fn leak(&mut self) {
+        self.ring.leak();
+        self.buffers.leak();
     }
 
     /// Address of the descriptor ring, for registration.
@@ -166,15 +175,24 @@ impl std::fmt::Debug for SendSlots {
 }
 
 impl SendSlots {
-    /// `count` slots of `slot_len` bytes each.
-    pub fn new(count: u16, slot_len: usize) -> SendSlots {
+    /// `count` slots of `slot_len` bytes each. Fails if the buffers cannot be mapped.
+    pub fn new(count: u16, slot_len: usize) -> io::Result<SendSlots> {
         let headers = (0..count).map(|_| AddrBytes([0; ADDR_LEN])).collect();
-        SendSlots {
+        Ok(SendSlots {
             headers,
-            buffers: Area::new(usize::from(count) * slot_len),
+            buffers: Area::new(usize::from(count) * slot_len)?,
             slot_len,
             free: (0..count).rev().collect(),
-        }
+        })
+    }
+
+    /// Gives the buffers and destination addresses up for good: they stay allocated for the
+    /// process's life, for a kernel that may still read them (sends that did not complete).
+    /// No slot is free afterwards.
+    pub fn leak(&mut self) {
+        self.buffers.leak();
+        std::mem::forget(std::mem::take(&mut self.headers));
+        self.free.clear();
     }
 
     /// Takes a free slot (now owned by the caller until [`SendSlots::prepare`] or
@@ -236,33 +254,34 @@ impl SendSlots {
 /// (the owner unregisters it from the ring, or destroys the ring, and drains it before the drop).
 #[derive(Debug)]
 struct Area {
-    /// Base address, page aligned (dangling and never dereferenced when `len` is 0).
+    /// Base address: page aligned when `len` > 0; when `len` is 0, dangling, never
+    /// dereferenced and never unmapped.
     base: *mut u8,
     /// Bytes mapped.
     len: usize,
 }
 
 impl Area {
-    /// A zeroed, page-aligned area of `len` bytes; aborts as out of memory if it cannot be
-    /// mapped.
-    fn new(len: usize) -> Area {
+    /// A zeroed, page-aligned area of `len` bytes, or the mmap error.
+    fn new(len: usize) -> io::Result<Area> {
         let Some(length) = NonZeroUsize::new(len) else {
-            return Area {
+            return Ok(Area {
                 base: NonNull::dangling().as_ptr(),
                 len,
-            };
+            });
         };
         let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
         // SAFETY: a private anonymous mapping where the kernel chooses aliases no other memory.
-        match unsafe { mmap_anonymous(None, length, prot, MapFlags::MAP_PRIVATE) } {
-            Ok(base) => Area {
-                base: base.as_ptr().cast(),
-                len,
-            },
-            Err(_) => alloc::handle_alloc_error(
-                Layout::from_size_align(len, page_size()).unwrap_or(Layout::new::<u8>()),
-            ),
-        }
+        let base = unsafe { mmap_anonymous(None, length, prot, MapFlags::MAP_PRIVATE) }?;
+        Ok(Area {
+            base: base.as_ptr().cast(),
+            len,
+        })
+    }
+
+    /// Keeps the mapping for the process's life: the drop will not unmap it.
+    fn leak(&mut self) {
+        self.len = 0;
     }
 
     /// The address `offset` bytes in (computed without creating a reference).
@@ -304,16 +323,6 @@ impl Drop for Area {
             let _ = unsafe { munmap(base, self.len) };
         }
     }
-}
-
-/// The system page size (the buffer ring must be page aligned); 4096 if unknown.
-fn page_size() -> usize {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .and_then(|size| usize::try_from(size).ok())
-        .filter(|size| size.is_power_of_two())
-        .unwrap_or(4096)
 }
 
 /// Writes `addr` as a `sockaddr_in`/`sockaddr_in6` into `out`; returns its length.
@@ -375,8 +384,21 @@ mod tests {
     }
 
     #[test]
+    fn an_area_that_cannot_be_mapped_is_an_error() {
+        // Past any x86-64 or arm64 user address space: mmap fails with ENOMEM, and the worker
+        // gets an error to report (and `io = "auto"` falls back to epoll) instead of aborting.
+        let error = Area::new(1 << 60).expect_err("2^60 bytes cannot be mapped");
+        assert_eq!(error.raw_os_error(), Some(libc::ENOMEM));
+        let mut empty = Area::new(0).expect("an empty area needs no mapping");
+        empty.leak();
+        let mut slots = SendSlots::new(2, 512).expect("2 slots");
+        slots.leak();
+        assert_eq!(slots.acquire(), None, "a leaked slot set lends nothing");
+    }
+
+    #[test]
     fn slots_are_reused_lifo() {
-        let mut slots = SendSlots::new(4, 512);
+        let mut slots = SendSlots::new(4, 512).expect("4 slots of 512 bytes");
         let first = slots.acquire().expect("free");
         slots.release(first);
         assert_eq!(slots.acquire(), Some(first));

@@ -157,7 +157,7 @@ impl RingUdp {
                 .map_err(io::Error::from)?,
         );
         ring.submitter().register_eventfd(events.as_raw_fd())?;
-        let bufs = BufRing::new(RECV_BUFFERS);
+        let bufs = BufRing::new(RECV_BUFFERS)?;
         // SAFETY: `bufs` owns the descriptor ring at `ring_addr()` with `entries()`
         // descriptors; it is dropped only after the ring (field order, and `Drop` drains the
         // ring first), so it outlives the registration.
@@ -181,7 +181,7 @@ impl RingUdp {
             generations,
             recv_msghdr,
             bufs,
-            slots: SendSlots::new(SEND_SLOTS, slot_len),
+            slots: SendSlots::new(SEND_SLOTS, slot_len)?,
             in_flight: 0,
             held: vec![false; armed.len()],
             armed,
@@ -848,10 +848,8 @@ impl Drop for RingUdp {
                 "io_uring did not drain in_flight={}; leaking its buffers",
                 self.in_flight
             );
-            let bufs = std::mem::replace(&mut self.bufs, BufRing::new(1));
-            std::mem::forget(bufs);
-            let slots = std::mem::replace(&mut self.slots, SendSlots::new(0, 0));
-            std::mem::forget(slots);
+            self.bufs.leak();
+            self.slots.leak();
             // SAFETY: all-zero bytes are a valid msghdr.
             let msghdr = std::mem::replace(
                 &mut self.recv_msghdr,
