@@ -494,15 +494,24 @@ impl Ringdns {
         Ok(Duration::from_millis(ticks * 1000 / hz))
     }
 
-    /// The process's resident set size now (`VmRSS` of /proc/PID/status), in bytes.
-    pub fn rss(&self) -> anyhow::Result<u64> {
+    /// The value of `field` in /proc/PID/status (`None` if this kernel has no such line).
+    pub fn status_field(&self, field: &str) -> anyhow::Result<Option<String>> {
         let child = self.child.as_ref().context("ringdns already stopped")?;
         let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
-        let kib = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|value| value.trim().strip_suffix("kB"))
-            .context("VmRSS in /proc/PID/status")?
+        Ok(status.lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            (name == field).then(|| value.trim().to_owned())
+        }))
+    }
+
+    /// The process's resident set size now (`VmRSS` of /proc/PID/status), in bytes.
+    pub fn rss(&self) -> anyhow::Result<u64> {
+        let kib = self
+            .status_field("VmRSS")?
+            .context("VmRSS in /proc/PID/status")?;
+        let kib = kib
+            .strip_suffix("kB")
+            .with_context(|| format!("VmRSS {kib:?}"))?
             .trim()
             .parse::<u64>()?;
         Ok(kib * 1024)
