@@ -1,11 +1,13 @@
 //! Upstream faults, injected by `FaultyUpstream` between ringdns and knotd: dead upstreams,
-//! wrong IDs, garbage, truncation, TCP closed mid-answer, and coalescing of identical misses.
+//! wrong IDs, garbage, truncation, TCP closed mid-answer, and coalescing of identical misses;
+//! and a burst of distinct misses straight to knotd, whose own socket buffer is then the fault.
 //!
 //! Runs on: libtest threads, each in its own network namespace, on both I/O backends.
 //!
 //! Timing: the zone timeout is 1 s; clients wait up to 5 s ([`client::DEFAULT_TIMEOUT`]), so
 //! "SERVFAIL, not silence" never depends on speed.
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::thread;
 use std::time::Duration;
@@ -16,7 +18,7 @@ use crate::harness::auth::Authoritative;
 use crate::harness::client::{self, Query, Reply};
 use crate::harness::faulty::{FaultyUpstream, Mode, Proto, Source};
 use crate::harness::ringdns::{Io, Ringdns, TestConfig};
-use crate::harness::{backend_tests, enter_netns, zones};
+use crate::harness::{backend_tests, dnsperf, enter_netns, wait_for, zones};
 
 backend_tests!(
     dead_upstream_gives_servfail_in_bounded_time,
@@ -31,6 +33,7 @@ backend_tests!(
     a_refusing_upstream_hands_over_at_once,
     an_idle_server_sleeps_after_misses_end,
     a_lost_query_is_sent_again_within_the_budget,
+    a_burst_of_distinct_misses_is_answered_over_few_upstream_sockets,
 );
 
 /// Where FaultyUpstream listens.
@@ -413,4 +416,111 @@ fn a_lost_query_is_sent_again_within_the_budget(io: Io) -> anyhow::Result<()> {
         );
     }
     stack.dns.stop()
+}
+
+/// Distinct misses in the burst (the performance work's target: 10,000 complete with no client
+/// timeout over a bounded number of upstream connections).
+const BURST: usize = 10_000;
+
+/// Queries dnsperf keeps in flight during the burst.
+const BURST_IN_FLIGHT: u32 = 1_000;
+
+/// Pooled TCP connections per upstream at most (`upstream::pool::MAX_CONNECTIONS`).
+const TCP_CONNECTIONS_MAX: u64 = 4;
+
+/// UDP sockets per upstream per forwarding thread once idle (`SOCKETS_PER_UPSTREAM`).
+const UDP_SOCKETS_PER_FORWARDER: usize = 8;
+
+/// 10,000 distinct names (knotd's wildcard answers each) asked once, 1,000 in flight, over a UDP
+/// and then a TCP upstream: every one answered NOERROR, none lost (dnsperf waits 5 s, a glibc
+/// client's retry), so no client timed out and no budget (2 s) ran out, though knotd's socket
+/// buffer drops queries in such a burst (they are sent again). Over TCP at most 4 connections
+/// were ever opened to knotd (`tcp_connections_opened` in the exit log); over UDP, once idle,
+/// at most 8 sockets per forwarding thread (each worker, and the control side) stay connected
+/// to it.
+fn a_burst_of_distinct_misses_is_answered_over_few_upstream_sockets(io: Io) -> anyhow::Result<()> {
+    let _ns = enter_netns!(&format!(
+        "a_burst_of_distinct_misses_is_answered_over_few_upstream_sockets/{io}"
+    ));
+    if !dnsperf::installed() {
+        println!("SKIP a_burst_of_distinct_misses: dnsperf not installed");
+        return Ok(());
+    }
+    let auth = Authoritative::start(zones::all())?;
+    for transport in ["udp", "tcp"] {
+        let config = TestConfig::for_tests(io).forward_with(".", &[auth.addr()], transport, "2s");
+        let workers = 2;
+        let mut dns = Ringdns::start(&config.workers(workers))?;
+        let mut queries = String::new();
+        for n in 0..BURST {
+            let _ = writeln!(queries, "burst-{transport}-{n}.wild.cluster.local A");
+        }
+        let query_file = dns.dir().join("burst.txt");
+        std::fs::write(&query_file, queries)?;
+        let run = dnsperf::burst(
+            dnsperf::LOCALHOST_53,
+            &query_file,
+            BURST_IN_FLIGHT,
+            Duration::from_secs(120),
+        )?;
+        assert_eq!(
+            (run.sent, run.lost, run.rcode("NOERROR")),
+            (BURST as u64, 0, BURST as u64),
+            "{transport}: (sent, lost, NOERROR):\n{}",
+            run.stdout
+        );
+        if transport == "udp" {
+            let forwarders = workers + 1;
+            let limit = UDP_SOCKETS_PER_FORWARDER * forwarders;
+            wait_for(
+                "idle UDP sockets to knotd",
+                Duration::from_secs(5),
+                Duration::from_millis(100),
+                || {
+                    let open = udp_sockets_connected_to(auth.addr())?;
+                    Ok((open <= limit).then_some(open))
+                },
+            )
+            .map_err(|error| anyhow::anyhow!("{error:#}: more than {limit} UDP sockets"))?;
+        }
+        dns.stop()?;
+        if transport == "tcp" {
+            let log = dns.stderr();
+            let opened: u64 = log
+                .lines()
+                .filter(|line| line.contains(&format!("upstream stats addr={}", auth.addr())))
+                .filter_map(|line| {
+                    line.split_whitespace()
+                        .find_map(|word| word.strip_prefix("tcp_connections_opened="))?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .sum();
+            assert!(
+                (1..=TCP_CONNECTIONS_MAX).contains(&opened),
+                "{opened} TCP connections opened to knotd for the burst:\n{log}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// UDP sockets in this network namespace connected to `peer` (an IPv4 address), from
+/// /proc/net/udp, whose addresses are hex in the host's byte order (`0A00007F:0035` for
+/// 127.0.0.10:53 on little-endian).
+fn udp_sockets_connected_to(peer: SocketAddr) -> anyhow::Result<usize> {
+    let SocketAddr::V4(peer) = peer else {
+        anyhow::bail!("{peer} is not IPv4");
+    };
+    let wanted = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(peer.ip().octets()),
+        peer.port()
+    );
+    let table = std::fs::read_to_string("/proc/net/udp")?;
+    Ok(table
+        .lines()
+        .skip(1)
+        .filter(|line| line.split_whitespace().nth(2) == Some(wanted.as_str()))
+        .count())
 }

@@ -29,6 +29,26 @@ pub struct Run {
     pub stdout: String,
 }
 
+impl Run {
+    /// How many answers had `rcode` ("NOERROR", "SERVFAIL", ...), from its "Response codes:"
+    /// line (`NOERROR 9990 (99.90%), SERVFAIL 10 (0.10%)`); 0 if it lists none.
+    pub fn rcode(&self, rcode: &str) -> u64 {
+        let Some(line) = self
+            .stdout
+            .lines()
+            .find_map(|line| line.trim_start().strip_prefix("Response codes:"))
+        else {
+            return 0;
+        };
+        line.split(',')
+            .filter_map(|part| {
+                let mut words = part.split_whitespace();
+                (words.next()? == rcode).then(|| words.next()?.parse::<u64>().ok())?
+            })
+            .sum()
+    }
+}
+
 /// Whether dnsperf is installed.
 pub fn installed() -> bool {
     Command::new("dnsperf").arg("-h").output().is_ok()
@@ -45,8 +65,7 @@ pub fn fixed_rate(
     run(
         server,
         query_file,
-        qps,
-        &["-l", &secs.to_string()],
+        &["-Q", &qps.to_string(), "-l", &secs.to_string()],
         Duration::from_secs(u64::from(secs) + 20),
     )
 }
@@ -59,14 +78,37 @@ pub fn once(
     qps: u32,
     limit: Duration,
 ) -> anyhow::Result<Run> {
-    run(server, query_file, qps, &["-n", "1"], limit)
+    run(
+        server,
+        query_file,
+        &["-Q", &qps.to_string(), "-n", "1"],
+        limit,
+    )
+}
+
+/// Sends each `name TYPE` line of `query_file` to `server` once, as fast as it can with up to
+/// `outstanding` queries in flight over 4 client sockets; bounded by `limit`. The sockets get
+/// 208 KiB buffers (`-b`, the kernel's default cap, which it doubles): with dnsperf's default of
+/// 32 KiB, hundreds of answers arriving together overflowed dnsperf's own sockets (their
+/// `drops` in /proc/net/udp), and it counted those answers lost.
+pub fn burst(
+    server: SocketAddr,
+    query_file: &Path,
+    outstanding: u32,
+    limit: Duration,
+) -> anyhow::Result<Run> {
+    run(
+        server,
+        query_file,
+        &["-q", &outstanding.to_string(), "-b", "208", "-n", "1"],
+        limit,
+    )
 }
 
 /// One dnsperf run with the common flags and `extra`, bounded by `limit`.
 fn run(
     server: SocketAddr,
     query_file: &Path,
-    qps: u32,
     extra: &[&str],
     limit: Duration,
 ) -> anyhow::Result<Run> {
@@ -78,8 +120,6 @@ fn run(
             .arg(server.port().to_string())
             .args(["-c", "4", "-t"])
             .arg(TIMEOUT_SECS.to_string())
-            .arg("-Q")
-            .arg(qps.to_string())
             .args(extra)
             .arg("-d")
             .arg(query_file),
