@@ -1,7 +1,16 @@
-# Process helpers shared by perf/run.sh, perf/miss-ab.sh, perf/upgrade.sh and
-# perf/batch-wait.sh (sourced, not run).
+# Process helpers shared by perf/run.sh, perf/miss-ab.sh, perf/upgrade.sh, perf/batch-wait.sh
+# and perf/rss.sh (sourced, not run).
 # The caller defines `die` and a `pids` array, which its EXIT trap stops by PID
 # (ab_setup makes both for the A/B scripts).
+
+# For the A/B scripts, first thing: runs the calling script again ("$0" "$@") inside a network
+# namespace of its own (unshare -n: only lo, which ab_setup brings up), unless this is that run.
+# Needs root.
+in_own_netns() {
+    [[ "${RINGDNS_AB_IN_NETNS:-}" == 1 ]] && return 0
+    [[ $(id -u) == 0 ]] || die "needs root (unshare -n)"
+    exec unshare -n env RINGDNS_AB_IN_NETNS=1 "$0" "$@"
+}
 
 # Starts "$@" under `timeout` (so it dies by itself after $1 s even if the script is killed)
 # pinned to CPU list $2, logging to $3; sets started_pid to the process itself (not the wrapper).

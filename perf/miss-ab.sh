@@ -14,10 +14,10 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 die() { echo "miss-ab.sh: error: $*" >&2; exit 1; }
 
-if [[ "${RINGDNS_AB_IN_NETNS:-}" != 1 ]]; then
-    [[ $(id -u) == 0 ]] || die "needs root (unshare -n)"
-    exec unshare -n env RINGDNS_AB_IN_NETNS=1 "$0" "$@"
-fi
+# start_pinned, stop_pid, ab_setup, in_own_netns, ticks, on_cpu_ns
+# shellcheck source=perf/lib.sh
+source "$repo/perf/lib.sh"
+in_own_netns "$@"
 
 dir="${1:-}"; shift || true
 [[ -f "$dir/knot/knot.conf" && -f "$dir/miss.txt" ]] || die "DIR must be a dir kept by perf/run.sh --keep"
@@ -33,9 +33,6 @@ while (($#)); do
     shift
 done
 ((${#binaries[@]} > 0)) || die "give at least one ringdns binary"
-# start_pinned, stop_pid, ab_setup, ticks, on_cpu_ns
-# shellcheck source=perf/lib.sh
-source "$repo/perf/lib.sh"
 ab_setup ringdns-ab
 thread_ns() {
     local task

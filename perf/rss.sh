@@ -18,10 +18,10 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 die() { echo "rss.sh: error: $*" >&2; exit 1; }
 
-if [[ "${RINGDNS_AB_IN_NETNS:-}" != 1 ]]; then
-    [[ $(id -u) == 0 ]] || die "needs root (unshare -n)"
-    exec unshare -n env RINGDNS_AB_IN_NETNS=1 "$0" "$@"
-fi
+# start_pinned, stop_pid, ab_setup, in_own_netns, ticks, on_cpu_ns
+# shellcheck source=perf/lib.sh
+source "$repo/perf/lib.sh"
+in_own_netns "$@"
 
 dir="${1:-}"; shift || true
 [[ -f "$dir/knot/knot.conf" && -f "$dir/miss.txt" ]] || die "DIR must be a dir kept by perf/run.sh --keep"
@@ -32,9 +32,6 @@ for binary in "$@"; do
 done
 ((${#binaries[@]} > 0)) || die "give at least one ringdns binary"
 command -v curl >/dev/null && command -v kdig >/dev/null || die "needs curl and kdig"
-# start_pinned, stop_pid, ab_setup
-# shellcheck source=perf/lib.sh
-source "$repo/perf/lib.sh"
 ab_setup ringdns-rss
 
 # The fill: names none of which are in the miss set, so that the burst is 40,000 misses.

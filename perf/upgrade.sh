@@ -21,10 +21,10 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 die() { echo "upgrade.sh: error: $*" >&2; exit 1; }
 
-if [[ "${RINGDNS_UPGRADE_IN_NETNS:-}" != 1 ]]; then
-    [[ $(id -u) == 0 ]] || die "needs root (unshare -n)"
-    exec unshare -n env RINGDNS_UPGRADE_IN_NETNS=1 "$0" "$@"
-fi
+# start_pinned, stop_pid, ab_setup, in_own_netns, ticks, on_cpu_ns
+# shellcheck source=perf/lib.sh
+source "$repo/perf/lib.sh"
+in_own_netns "$@"
 
 dir="${1:-}"; shift || true
 [[ -f "$dir/knot/knot.conf" && -f "$dir/hot.txt" && -f "$dir/miss.txt" ]] ||
@@ -43,9 +43,6 @@ while (($#)); do
     shift
 done
 [[ -x "$binary" ]] || die "not an executable: $binary (cargo build --release)"
-# start_pinned, stop_pid, ab_setup
-# shellcheck source=perf/lib.sh
-source "$repo/perf/lib.sh"
 ab_setup ringdns-upgrade
 # Nothing is pinned here: every CPU.
 cpus="0-$(($(nproc) - 1))"
