@@ -62,10 +62,10 @@ struct Check {
 /// receive area of each worker with 2 MiB pages, so that a few small allocations make megabytes
 /// resident: one idle worker took 29 MB instead of 6 with THP on for the arena (perf/RESULTS.md
 /// 18:55). A DaemonSet's memory limit wants the smaller, predictable figure. Memory touched
-/// before `main` (the runtime's and mimalloc's first pages) may already be huge pages there: on
-/// an `always` host one idle worker measured 9.6 MB with the flag, against 6.0 MB on a
-/// `madvise` host. It cannot fail on the kernels ringdns runs on (3.15+); if it did, only
-/// memory use would grow.
+/// before `main` is covered by mimalloc's own start-up, built to set the same flag before its
+/// first arena mapping (`MI_DEFAULT_ALLOW_THP=0`, .cargo/config.toml); without that, an
+/// `always` host had 4 MiB of huge pages at idle (9.4 MB against 6.0). It cannot fail on the
+/// kernels ringdns runs on (3.15+); if it did, only memory use would grow.
 fn no_huge_pages() {
     let _ = nix::sys::prctl::set_thp_disable(true);
 }

@@ -225,7 +225,9 @@ const DEFAULT_CAPACITY: f64 = 9984.0;
 /// zone's wildcard (NOERROR) and 10,500 that do not exist (NXDOMAIN), each once, which fills
 /// both caches to their default 9984 entries (some spare for a query dnsperf may lose). Checked
 /// to fail with mimalloc's arena on transparent huge pages (34 MB on epoll, 44.7 MB on io_uring;
-/// 19.5 and 22.1 MB without), and, for the THP check, without main.rs's `PR_SET_THP_DISABLE`.
+/// 19.5 and 22.1 MB without), and, for the THP checks, without main.rs's `PR_SET_THP_DISABLE`;
+/// on a host whose THP mode is `always`, also without mimalloc's THP default off (4 MiB of
+/// huge pages faulted before `main`).
 fn both_full_caches_fit_in_32_mb(io: Io) -> anyhow::Result<()> {
     let _ns = enter_netns!(&format!("both_full_caches_fit_in_32_mb/{io}"));
     if !dnsperf::installed() {
@@ -267,11 +269,17 @@ fn both_full_caches_fit_in_32_mb(io: Io) -> anyhow::Result<()> {
         "(success, denial) entries after the fill:\n{}",
         run.stdout
     );
-    // Transparent huge pages are off for the process (main.rs), whatever the host's THP mode;
-    // with them, this bound held on a `madvise` host only by luck of layout.
+    // Transparent huge pages are off for the process (main.rs, and mimalloc's own start-up:
+    // .cargo/config.toml), whatever the host's THP mode: none back any of its memory. With
+    // them, this bound held on a `madvise` host only by luck of layout.
     if let Some(thp) = stack.dns.status_field("THP_enabled")? {
         assert_eq!(thp, "0", "THP_enabled in /proc/PID/status");
     }
+    assert_eq!(
+        stack.dns.anon_huge_pages()?,
+        0,
+        "AnonHugePages in /proc/PID/smaps_rollup"
+    );
     let rss = stack.dns.rss()?;
     let mb = rss as f64 / 1e6;
     assert!(

@@ -504,6 +504,21 @@ impl Ringdns {
         }))
     }
 
+    /// Anonymous memory backed by transparent huge pages now (`AnonHugePages` of
+    /// /proc/PID/smaps_rollup), in bytes.
+    pub fn anon_huge_pages(&self) -> anyhow::Result<u64> {
+        let child = self.child.as_ref().context("ringdns already stopped")?;
+        let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", child.id()))?;
+        let kib = rollup
+            .lines()
+            .find_map(|line| line.strip_prefix("AnonHugePages:"))
+            .and_then(|value| value.trim().strip_suffix("kB"))
+            .context("AnonHugePages in /proc/PID/smaps_rollup")?
+            .trim()
+            .parse::<u64>()?;
+        Ok(kib * 1024)
+    }
+
     /// The process's resident set size now (`VmRSS` of /proc/PID/status), in bytes.
     pub fn rss(&self) -> anyhow::Result<u64> {
         let kib = self
