@@ -54,14 +54,15 @@ pub(crate) fn parse_question(msg: &[u8]) -> Option<Question> {
 /// Whether `msg` carries exactly the question `question` (qname compared case-insensitively,
 /// since upstreams may echo 0x20-randomised or otherwise re-cased names).
 pub(crate) fn question_matches(msg: &[u8], question: &Question) -> bool {
-    match question_parts(msg) {
-        Some((name, qtype, qclass)) => {
-            qtype == question.qtype
-                && qclass == question.qclass
-                && name.eq_ignore_ascii_case(&question.name)
-        }
-        None => false,
-    }
+    carries(msg, (&question.name, question.qtype, question.qclass))
+}
+
+/// Whether the question of `msg` is `(name, qtype, qclass)`, the name compared
+/// case-insensitively.
+fn carries(msg: &[u8], (name, qtype, qclass): (&[u8], u16, u16)) -> bool {
+    question_parts(msg).is_some_and(|(carried, carried_type, carried_class)| {
+        carried_type == qtype && carried_class == qclass && carried.eq_ignore_ascii_case(name)
+    })
 }
 
 /// The message ID, if `msg` is long enough to have a header.
@@ -109,12 +110,7 @@ pub(crate) fn question_name(msg: &[u8]) -> Option<&[u8]> {
 /// Whether `msg` carries exactly the question of `query` (as [`question_matches`] with
 /// `parse_question(query)`, without building it).
 pub(crate) fn same_question(msg: &[u8], query: &[u8]) -> bool {
-    match (question_parts(msg), question_parts(query)) {
-        (Some((name, qtype, qclass)), Some((asked, asked_type, asked_class))) => {
-            qtype == asked_type && qclass == asked_class && name.eq_ignore_ascii_case(asked)
-        }
-        _ => false,
-    }
+    question_parts(query).is_some_and(|asked| carries(msg, asked))
 }
 
 /// Splits the question of `msg` into (wire qname, qtype, qclass).
