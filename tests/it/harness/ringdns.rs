@@ -494,42 +494,44 @@ impl Ringdns {
         Ok(Duration::from_millis(ticks * 1000 / hz))
     }
 
-    /// The value of `field` in /proc/PID/status (`None` if this kernel has no such line).
-    pub fn status_field(&self, field: &str) -> anyhow::Result<Option<String>> {
+    /// The value of `field` in /proc/PID/`file` (`status`, `smaps_rollup`: `Name: value`
+    /// lines), `None` if it has no such line.
+    fn proc_field(&self, file: &str, field: &str) -> anyhow::Result<Option<String>> {
         let child = self.child.as_ref().context("ringdns already stopped")?;
-        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
-        Ok(status.lines().find_map(|line| {
+        let text = std::fs::read_to_string(format!("/proc/{}/{file}", child.id()))?;
+        Ok(text.lines().find_map(|line| {
             let (name, value) = line.split_once(':')?;
             (name == field).then(|| value.trim().to_owned())
         }))
     }
 
-    /// Anonymous memory backed by transparent huge pages now (`AnonHugePages` of
-    /// /proc/PID/smaps_rollup), in bytes.
-    pub fn anon_huge_pages(&self) -> anyhow::Result<u64> {
-        let child = self.child.as_ref().context("ringdns already stopped")?;
-        let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", child.id()))?;
-        let kib = rollup
-            .lines()
-            .find_map(|line| line.strip_prefix("AnonHugePages:"))
-            .and_then(|value| value.trim().strip_suffix("kB"))
-            .context("AnonHugePages in /proc/PID/smaps_rollup")?
+    /// `field` of /proc/PID/`file`, which gives it in kB, in bytes.
+    fn proc_bytes(&self, file: &str, field: &str) -> anyhow::Result<u64> {
+        let value = self
+            .proc_field(file, field)?
+            .with_context(|| format!("{field} in /proc/PID/{file}"))?;
+        let kib = value
+            .strip_suffix("kB")
+            .with_context(|| format!("{field} {value:?}"))?
             .trim()
             .parse::<u64>()?;
         Ok(kib * 1024)
     }
 
+    /// The value of `field` in /proc/PID/status (`None` if this kernel has no such line).
+    pub fn status_field(&self, field: &str) -> anyhow::Result<Option<String>> {
+        self.proc_field("status", field)
+    }
+
+    /// Anonymous memory backed by transparent huge pages now (`AnonHugePages` of
+    /// /proc/PID/smaps_rollup), in bytes.
+    pub fn anon_huge_pages(&self) -> anyhow::Result<u64> {
+        self.proc_bytes("smaps_rollup", "AnonHugePages")
+    }
+
     /// The process's resident set size now (`VmRSS` of /proc/PID/status), in bytes.
     pub fn rss(&self) -> anyhow::Result<u64> {
-        let kib = self
-            .status_field("VmRSS")?
-            .context("VmRSS in /proc/PID/status")?;
-        let kib = kib
-            .strip_suffix("kB")
-            .with_context(|| format!("VmRSS {kib:?}"))?
-            .trim()
-            .parse::<u64>()?;
-        Ok(kib * 1024)
+        self.proc_bytes("status", "VmRSS")
     }
 
     /// Whether the process is still running. Once it has exited, its last lines are in
