@@ -27,6 +27,16 @@ pub const RECV_BUF_LEN: usize = 2048;
 /// Room reserved for a source address in every receive buffer and send slot.
 pub const ADDR_LEN: usize = std::mem::size_of::<libc::sockaddr_storage>();
 
+/// Byte offsets of the fields of one descriptor (`struct io_uring_buf`: `addr` u64, `len` u32,
+/// `bid` u16, `resv` u16; descriptor 0's `resv` is the ring's shared tail). Written through raw
+/// pointers: the io-uring crate's setters need a `&mut` over the whole descriptor, tail included.
+const DESC_ADDR_AT: usize = 0;
+/// See [`DESC_ADDR_AT`].
+const DESC_LEN_AT: usize = 8;
+/// See [`DESC_ADDR_AT`].
+const DESC_BID_AT: usize = 12;
+const _: () = assert!(std::mem::size_of::<BufRingEntry>() == 16);
+
 /// The provided-buffer ring (`IORING_REGISTER_PBUF_RING`): `entries` descriptors, page
 /// aligned as the kernel requires, pointing into one contiguous buffer area.
 #[derive(Debug)]
@@ -107,16 +117,23 @@ impl BufRing {
     fn stage(&mut self, bid: u16) {
         let index = usize::from(self.tail & (self.entries - 1));
         let addr = self.buffers.addr(usize::from(bid) * RECV_BUF_LEN) as u64;
-        // SAFETY: `index < entries`, so the offset stays inside the descriptor mapping, whose
-        // page-aligned base suits the 16-byte descriptors.
-        let slot = unsafe { self.descriptors().add(index) };
-        // SAFETY: `slot` is in bounds and aligned. The kernel reads only descriptors between
-        // its head and the published tail; this one is past the published tail, so nothing
-        // else accesses it now.
-        let entry = unsafe { &mut *slot };
-        entry.set_addr(addr);
-        entry.set_len(RECV_BUF_LEN as u32);
-        entry.set_bid(bid);
+        // `index < entries`: in bounds of the descriptor mapping, whose page-aligned base suits
+        // the 16-byte descriptors, so each field below is in bounds and naturally aligned.
+        let slot = self.descriptors().wrapping_add(index).cast::<u8>();
+        // SAFETY: in bounds and aligned, as above (for all three writes). The kernel reads only
+        // descriptors between its head and the published tail; this one is past the published
+        // tail, so nothing else reads these fields now. No reference to the descriptor is
+        // formed: descriptor 0's last field is the shared tail, which the kernel reads at any
+        // time (`publish`).
+        unsafe { slot.wrapping_add(DESC_ADDR_AT).cast::<u64>().write(addr) };
+        // SAFETY: as above.
+        unsafe {
+            slot.wrapping_add(DESC_LEN_AT)
+                .cast::<u32>()
+                .write(RECV_BUF_LEN as u32)
+        };
+        // SAFETY: as above.
+        unsafe { slot.wrapping_add(DESC_BID_AT).cast::<u16>().write(bid) };
         self.tail = self.tail.wrapping_add(1);
     }
 
@@ -394,6 +411,39 @@ mod tests {
         let mut slots = SendSlots::new(2, 512).expect("2 slots");
         slots.leak();
         assert_eq!(slots.acquire(), None, "a leaked slot set lends nothing");
+    }
+
+    #[test]
+    fn descriptors_point_at_their_buffers_and_leave_the_tail_alone() {
+        let mut bufs = BufRing::new(4).expect("4 buffers");
+        let shared_tail = |bufs: &BufRing| {
+            // SAFETY: the base of a live descriptor ring.
+            let tail = unsafe { BufRingEntry::tail(bufs.descriptors()) };
+            // SAFETY: an aligned u16 in the mapping; no kernel shares it in this test.
+            unsafe { *tail }
+        };
+        assert_eq!(shared_tail(&bufs), 4, "all four published");
+        // Buffers come back in another order; the next free slot is descriptor 0 again,
+        // whose last two bytes are the tail the kernel reads.
+        for bid in [2, 0] {
+            bufs.recycle(bid);
+        }
+        assert_eq!(
+            shared_tail(&bufs),
+            4,
+            "staging does not publish nor touch the tail"
+        );
+        bufs.publish();
+        assert_eq!(shared_tail(&bufs), 6);
+        for (index, bid) in [(0, 2), (1, 0), (2, 2), (3, 3)] {
+            let descriptor = bufs.descriptors().wrapping_add(index);
+            // SAFETY: index < entries, inside the live mapping.
+            let entry = unsafe { &*descriptor };
+            let base = bufs.buffers.addr(0) as u64;
+            assert_eq!(entry.addr(), base + u64::from(bid) * RECV_BUF_LEN as u64);
+            assert_eq!(entry.len(), RECV_BUF_LEN as u32);
+            assert_eq!(entry.bid(), bid);
+        }
     }
 
     #[test]
