@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# server.batch_wait sweep: what each io_uring batch wait costs in latency and saves in CPU at a
+# server.batch_wait sweep: what each batch wait costs in latency and saves in CPU at a
 # paced rate of cache hits. One ringdns (one worker, CPU 1) inside its own network namespace
 # (loopback only), knotd and loadgen on CPU 0 — perf/run.sh's paced method — warmed once; then
 # for each round, each wait in turn: rewrite the config, SIGHUP (a live reload: the cache stays),
@@ -7,10 +7,12 @@
 # utime+stime ticks as run.sh, and the threads' on-CPU ns from /proc/PID/task/*/schedstat),
 # p50/p90/p99/max µs and lost. Rounds interleave the waits so slow drifts of the host hit all.
 #
-# Usage: perf/batch-wait.sh DIR [--runs N] [--rate QPS] [--seconds S] [--waits LIST] [BIN]
+# Usage: perf/batch-wait.sh DIR [--runs N] [--rate QPS] [--seconds S] [--waits LIST]
+#                           [--io uring|epoll] [BIN]
 #   DIR     a temp dir kept by `perf/run.sh --keep` (zones, knot.conf, hot.txt)
 #   --runs  rounds (default 3); --rate (default 20000); --seconds per point (default 5)
 #   --waits comma-separated batch_wait values (default 0s,50us,100us,200us,400us,1ms)
+#   --io    the worker's backend (default uring)
 #   BIN     the ringdns binary (default target/release/ringdns)
 # Needs root (unshare -n).
 set -euo pipefail
@@ -30,12 +32,14 @@ rate=20000
 seconds=5
 waits=0s,50us,100us,200us,400us,1ms
 binary="$repo/target/release/ringdns"
+io=uring
 while (($#)); do
     case "$1" in
         --runs) runs="$2"; shift ;;
         --rate) rate="$2"; shift ;;
         --seconds) seconds="$2"; shift ;;
         --waits) waits="$2"; shift ;;
+        --io) io="$2"; shift ;;
         *) binary="$1" ;;
     esac
     shift
@@ -43,6 +47,7 @@ done
 [[ -x "$binary" ]] || die "not an executable: $binary"
 [[ $runs =~ ^[1-9][0-9]?$ && $rate =~ ^[1-9][0-9]*$ && $seconds =~ ^[1-9][0-9]?$ ]] ||
     die "--runs 1..99, --rate a positive integer, --seconds 1..99"
+[[ $io == uring || $io == epoll ]] || die "--io needs uring or epoll"
 IFS=, read -r -a wait_list <<<"$waits"
 command -v jq >/dev/null || die "needs jq"
 ab_setup ringdns-batch-wait
@@ -52,7 +57,7 @@ config() {
 [server]
 listen = ["127.0.0.2:53"]
 workers = 1
-io = "uring"
+io = "$io"
 batch_wait = "$1"
 
 [[forward]]
@@ -81,7 +86,7 @@ for _ in 1 2; do
 done
 hz=$(getconf CLK_TCK)
 queries=$((rate * seconds))
-echo "binary=$binary rate=$rate seconds=$seconds runs=$runs waits=$waits nproc=$(nproc) kernel=$(uname -r)"
+echo "binary=$binary io=$io rate=$rate seconds=$seconds runs=$runs waits=$waits nproc=$(nproc) kernel=$(uname -r)"
 for ((run = 1; run <= runs; run++)); do
     for wait in "${wait_list[@]}"; do
         reloads=$(grep -c "reload applied" "$work/ringdns.log" || true)

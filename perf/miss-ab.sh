@@ -5,7 +5,7 @@
 # and prints CPU µs per miss per run: process utime+stime (ticks, as run.sh) and the sum of the
 # threads' on-CPU time from /proc/PID/task/*/schedstat (ns), with the worker/ctl split.
 #
-# Usage: perf/miss-ab.sh DIR [--runs N] [--transport udp|tcp] BIN...
+# Usage: perf/miss-ab.sh DIR [--runs N] [--transport udp|tcp] [--io uring|epoll] BIN...
 #   DIR  a temp dir kept by `perf/run.sh --keep` (zones, knot.conf, miss.txt)
 #   BIN  ringdns binaries to compare (copy them out of target/ first)
 # Needs root (unshare -n). Interleaves A B A B ... so slow drifts of the host hit all alike.
@@ -23,11 +23,13 @@ dir="${1:-}"; shift || true
 [[ -f "$dir/knot/knot.conf" && -f "$dir/miss.txt" ]] || die "DIR must be a dir kept by perf/run.sh --keep"
 runs=3
 transport=udp
+io=uring
 binaries=()
 while (($#)); do
     case "$1" in
         --runs) runs="$2"; shift ;;
         --transport) transport="$2"; shift ;;
+        --io) [[ $2 == uring || $2 == epoll ]] || die "--io needs uring or epoll"; io="$2"; shift ;;
         *) [[ -x "$1" ]] || die "not an executable: $1"; binaries+=("$1") ;;
     esac
     shift
@@ -52,7 +54,7 @@ cat >"$work/ringdns.toml" <<EOF
 [server]
 listen = ["127.0.0.2:53"]
 workers = 1
-io = "uring"
+io = "$io"
 
 [[forward]]
 zone = "."
@@ -67,7 +69,7 @@ level = "info"
 EOF
 hz=$(getconf CLK_TCK)
 misses=$(wc -l <"$dir/miss.txt")
-echo "transport=$transport misses/run=$misses runs=$runs"
+echo "transport=$transport io=$io misses/run=$misses runs=$runs"
 for ((run = 1; run <= runs; run++)); do
     for binary in "${binaries[@]}"; do
         start_pinned 300 1 "$work/ringdns.log" "$binary" run --config "$work/ringdns.toml"

@@ -17,6 +17,8 @@
 #                --short: 1); every run's value goes to RESULTS.md
 #   --paced-rate QPS  the paced measurement's rate (default 20000, the performance targets';
 #                a node's usual few hundred to few thousand qps shows the cost of wake-ups)
+#   --io uring|epoll  ringdns' I/O backend (default uring); epoll is what ringdns runs on
+#                where io_uring is off (`kernel.io_uring_disabled`, a seccomp profile)
 #   --install    apt-get install the Debian packages this needs, then exit
 # Needs root (unshare -n / -m, binding port 53). See perf/README.md for what each number means.
 set -euo pipefail
@@ -36,6 +38,7 @@ append=1
 profile=0
 repeats=""
 paced_rate=""
+io=uring
 args=("$@")
 while (($#)); do
     case "$1" in
@@ -48,6 +51,7 @@ while (($#)); do
         --repeats) [[ $# -ge 2 && $2 =~ ^[1-9]$ ]] || die "--repeats needs 1..9"; repeats="$2"; shift ;;
         --paced-rate) [[ $# -ge 2 && $2 =~ ^[1-9][0-9]{2,5}$ ]] || die "--paced-rate needs 100..999999"
             paced_rate="$2"; shift ;;
+        --io) [[ $# -ge 2 && $2 =~ ^(uring|epoll)$ ]] || die "--io needs uring or epoll"; io="$2"; shift ;;
         --install)
             apt-get install -y "${apt_packages[@]}"
             exit 0 ;;
@@ -306,7 +310,7 @@ ringdns_config() {
 [server]
 listen = ["${addr[ringdns]}:53"]
 workers = $2
-io = "uring"
+io = "$io"
 
 [[forward]]
 zone = "."
@@ -389,7 +393,7 @@ start_server() {
     start_pinned 600 "$server_cpu" "$server_log" $command
     server_pid=$started_pid
     case "$name" in
-        ringdns) wait_log "$server_log" "ready udp=.*io=uring"; wait_dns "${addr[$name]}" "$server_pid" "$server_log" ;;
+        ringdns) wait_log "$server_log" "ready udp=.*io=$io"; wait_dns "${addr[$name]}" "$server_pid" "$server_log" ;;
         echo) wait_log "$server_log" ready ;;
         *) wait_dns "${addr[$name]}" "$server_pid" "$server_log" ;;
     esac
@@ -626,7 +630,7 @@ if [[ " ${servers[*]} " == *" ringdns "* && -f "$tmp/ringdns.saturated.json" ]];
     note "=== ringdns, 2 workers (CPUs $client_cpu,$server_cpu; loadgen on CPU $client_cpu)"
     start_pinned 600 "$client_cpu,$server_cpu" "$dir/server.log" "$bin/ringdns" run --config "$dir/ringdns.toml"
     server_pid=$started_pid
-    wait_log "$dir/server.log" "ready udp=.*workers=2 io=uring"
+    wait_log "$dir/server.log" "ready udp=.*workers=2 io=$io"
     wait_dns "${addr[ringdns]}" "$server_pid" "$dir/server.log"
     # Each worker has its own cache shard: warm until both hold the hot set.
     for pass in 1 2 3; do warm ringdns "warm-2w-$pass"; done
