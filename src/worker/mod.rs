@@ -103,8 +103,8 @@ pub struct Serving {
     pub tcp_idle_timeout: Duration,
     /// TCP connection cap for this worker.
     pub max_tcp_connections: usize,
-    /// io_uring: after a batch, how long to wait in the kernel for more datagrams (`ZERO`:
-    /// not at all). The epoll backend has no such wait.
+    /// After a batch, how long to wait for more datagrams (`ZERO`: not at all): io_uring in
+    /// the kernel (`ring.rs`), epoll in a sleep before reading again (`udp.rs`).
     pub batch_wait: Duration,
 }
 
@@ -285,8 +285,11 @@ pub(crate) struct Shared {
     next_conn: u64,
     /// TCP limits and the io_uring batch wait.
     serving: Serving,
-    /// Whether the io_uring batch wait pays at the current rate.
+    /// Whether the batch wait pays at the current rate.
     pace: Pace,
+    /// Client datagrams the epoll backend has read (its rate drives `pace`; io_uring counts
+    /// its own).
+    received: u64,
     /// Scratch for replies (TCP-sized).
     out: Box<[u8]>,
     /// Counters.
@@ -300,6 +303,9 @@ pub(crate) struct Shared {
     upstream: Forwarding,
     /// A clone of this worker's reply channel, so the ring loop can take upstream replies itself.
     replies: crossbeam_channel::Receiver<Reply>,
+    /// The eventfd the control side writes when it queued replies or commands: the epoll
+    /// backend's batch wait ends early on it (`udp.rs`).
+    wake: Arc<EventFd>,
 }
 
 /// Where a worker's misses go: its own UDP exchanges on the ring, or the control side.
@@ -572,6 +578,7 @@ async fn serve(setup: WorkerSetup) -> io::Result<()> {
         next_conn: 0,
         serving,
         pace: Pace::new(Instant::now(), 0),
+        received: 0,
         out: vec![0u8; TCP_MESSAGE_MAX].into_boxed_slice(),
         stats,
         udp_tasks: Vec::new(),
@@ -586,6 +593,7 @@ async fn serve(setup: WorkerSetup) -> io::Result<()> {
             armed: None,
         },
         replies: replies.clone(),
+        wake: wake.clone(),
     }));
     let (ring_events, epoll_sockets) = match &shared.borrow().udp {
         Udp::Epoll(epoll) => (None, epoll.sockets().to_vec()),

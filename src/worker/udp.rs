@@ -6,9 +6,13 @@
 use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use nix::poll::{ppoll, PollFd, PollFlags};
+use nix::sys::eventfd::EventFd;
+use nix::sys::time::TimeSpec;
 use tokio::net::UdpSocket;
 
 use super::handler::Action;
@@ -77,51 +81,130 @@ impl EpollUdp {
 }
 
 /// Receives and answers queries on socket `index` until the worker stops.
+///
+/// `server.batch_wait`, as on io_uring (pace.rs decides when it pays): once a batch has
+/// drained the socket, the loop sleeps that long and then reads whatever arrived meanwhile,
+/// so that one wake-up serves several queries, instead of going back to epoll and being woken
+/// by every datagram. The sleep blocks the worker's thread, as the io_uring wait does its ring:
+/// the worker's other tasks (TCP, the control loop) run before each sleep. It ends early when
+/// the control side writes the worker's eventfd: answers of misses should not wait for the
+/// rest of it, and closed-loop clients send nothing new until answered. Each listen socket has
+/// its own loop, so with traffic on two of them each sleep is followed by the other's.
+/// Datagrams after a sleep are read through a duplicate of the socket's descriptor: tokio's
+/// own receive trusts its readiness flag, which it cleared when the socket ran dry and sets
+/// again only once the worker is back in epoll.
 pub(super) async fn receive_loop(shared: Rc<RefCell<Shared>>, socket: Rc<UdpSocket>, index: u16) {
     // One byte more than QUERY_MAX: a datagram that fills it was longer (the kernel cut it).
     let mut query = vec![0u8; QUERY_MAX + 1];
+    // Without a duplicate (out of descriptors) the loop just never waits.
+    let direct = socket
+        .as_fd()
+        .try_clone_to_owned()
+        .map(std::net::UdpSocket::from)
+        .ok();
+    let wake = shared.borrow().wake.clone();
     loop {
         if socket.readable().await.is_err() {
             return;
         }
-        receive_batch(&shared, &socket, index, &mut query);
-        tokio::task::yield_now().await;
+        let mut batch = receive_batch(&shared, &socket, index, &mut query, |buf| {
+            socket.try_recv_from(buf)
+        });
+        loop {
+            tokio::task::yield_now().await;
+            let wait = match (&direct, batch) {
+                // More may be queued: read on (through tokio while its flag is still set).
+                (_, Batch::Full) => Duration::ZERO,
+                (Some(_), Batch::Drained { received }) if received > 0 => {
+                    let mut state = shared.borrow_mut();
+                    let Shared {
+                        pace,
+                        serving,
+                        received: total,
+                        ..
+                    } = &mut *state;
+                    let wait = pace.wait(*total, Instant::now(), serving.batch_wait);
+                    if wait.is_zero() {
+                        break;
+                    }
+                    wait
+                }
+                _ => break,
+            };
+            let Some(direct) = &direct else { break };
+            if !wait.is_zero() {
+                nap(&wake, wait);
+            }
+            batch = receive_batch(&shared, &socket, index, &mut query, |buf| {
+                direct.recv_from(buf)
+            });
+        }
     }
 }
 
-/// Handles up to [`BATCH`] datagrams waiting on `socket`.
-fn receive_batch(shared: &RefCell<Shared>, socket: &UdpSocket, index: u16, query: &mut [u8]) {
+/// Sleeps up to `wait`, or until `wake` is written (or already was, and not yet read).
+fn nap(wake: &EventFd, wait: Duration) {
+    let mut fds = [PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
+    // Whatever ends it (the time, the eventfd, a signal), the caller reads what arrived.
+    let _ = ppoll(&mut fds, Some(TimeSpec::from_duration(wait)), None);
+}
+
+/// How one call of [`receive_batch`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Batch {
+    /// [`BATCH`] datagrams read; more may be waiting.
+    Full,
+    /// The socket ran dry after `received` datagrams.
+    Drained {
+        /// Datagrams read.
+        received: usize,
+    },
+}
+
+/// Handles up to [`BATCH`] datagrams waiting on `socket`, read by `recv`.
+fn receive_batch(
+    shared: &RefCell<Shared>,
+    socket: &UdpSocket,
+    index: u16,
+    query: &mut [u8],
+    mut recv: impl FnMut(&mut [u8]) -> io::Result<(usize, SocketAddr)>,
+) -> Batch {
     let mut state = shared.borrow_mut();
     let now = Instant::now();
-    {
-        for _ in 0..BATCH {
-            let (len, peer) = match socket.try_recv_from(query) {
-                Ok(received) => received,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => continue,
-            };
-            let origin = Origin::Udp {
-                socket: index,
-                peer,
-            };
-            let Shared {
-                handler,
-                out,
-                stats,
-                ..
-            } = &mut *state;
-            let read = query.get(..len.min(QUERY_MAX)).unwrap_or_default();
-            let action = if len > QUERY_MAX {
-                handler.handle_too_long(read, &mut out[..])
-            } else {
-                handler.handle_query(read, now, origin, &mut out[..])
-            };
-            if let Action::Reply { len } = action {
-                if socket.try_send_to(&out[..len], peer).is_err() {
-                    stats.bump(Counter::SendErrors);
-                }
+    let mut batch = Batch::Full;
+    for received in 0..BATCH {
+        let (len, peer) = match recv(query) {
+            Ok(received) => received,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                batch = Batch::Drained { received };
+                break;
+            }
+            Err(_) => continue,
+        };
+        let origin = Origin::Udp {
+            socket: index,
+            peer,
+        };
+        let Shared {
+            handler,
+            out,
+            stats,
+            received,
+            ..
+        } = &mut *state;
+        *received += 1;
+        let read = query.get(..len.min(QUERY_MAX)).unwrap_or_default();
+        let action = if len > QUERY_MAX {
+            handler.handle_too_long(read, &mut out[..])
+        } else {
+            handler.handle_query(read, now, origin, &mut out[..])
+        };
+        if let Action::Reply { len } = action {
+            if socket.try_send_to(&out[..len], peer).is_err() {
+                stats.bump(Counter::SendErrors);
             }
         }
     }
     state.forward_now(now);
+    batch
 }

@@ -23,6 +23,7 @@ mod handover;
 mod lifecycle;
 mod node;
 mod observability;
+mod pacing;
 mod reload;
 mod selftest;
 mod supervise;

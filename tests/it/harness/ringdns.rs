@@ -494,8 +494,8 @@ impl Ringdns {
         Ok(Duration::from_millis(ticks * 1000 / hz))
     }
 
-    /// The value of `field` in /proc/PID/`file` (`status`, `smaps_rollup`: `Name: value`
-    /// lines), `None` if it has no such line.
+    /// The value of `field` in /proc/PID/`file` (`status`, `smaps_rollup`, `task/TID/status`:
+    /// `Name: value` lines), `None` if it has no such line.
     fn proc_field(&self, file: &str, field: &str) -> anyhow::Result<Option<String>> {
         let child = self.child.as_ref().context("ringdns already stopped")?;
         let text = std::fs::read_to_string(format!("/proc/{}/{file}", child.id()))?;
@@ -521,6 +521,28 @@ impl Ringdns {
     /// The value of `field` in /proc/PID/status (`None` if this kernel has no such line).
     pub fn status_field(&self, field: &str) -> anyhow::Result<Option<String>> {
         self.proc_field("status", field)
+    }
+
+    /// Voluntary context switches of the worker threads (`ringdns-w*`) so far, summed: each is
+    /// a sleep, so one per wake-up.
+    pub fn worker_voluntary_switches(&self) -> anyhow::Result<u64> {
+        let child = self.child.as_ref().context("ringdns already stopped")?;
+        let mut total = 0;
+        for task in std::fs::read_dir(format!("/proc/{}/task", child.id()))? {
+            let tid = task?.file_name();
+            let tid = tid.to_string_lossy();
+            let Some(name) = self.proc_field(&format!("task/{tid}/status"), "Name")? else {
+                continue;
+            };
+            if !name.starts_with("ringdns-w") {
+                continue;
+            }
+            let switches = self
+                .proc_field(&format!("task/{tid}/status"), "voluntary_ctxt_switches")?
+                .context("voluntary_ctxt_switches in /proc/PID/task/TID/status")?;
+            total += switches.parse::<u64>()?;
+        }
+        Ok(total)
     }
 
     /// Anonymous memory backed by transparent huge pages now (`AnonHugePages` of
