@@ -16,9 +16,9 @@ use crate::harness::{backend_tests, dnsperf, enter_netns, zones, Stack};
 
 backend_tests!(a_batch_wait_serves_paced_queries_with_fewer_wake_ups);
 
-/// Paced rate: 2.5 queries per millisecond, so a 1 ms wait gathers a few (pace.rs waits at
+/// Paced rate: 5 queries per millisecond, so a 1 ms wait gathers a few (pace.rs waits at
 /// this rate: at least half a query is expected within one wait).
-const RATE: u32 = 2_500;
+const RATE: u32 = 5_000;
 /// Seconds of load per server.
 const SECONDS: u32 = 2;
 
