@@ -8,11 +8,13 @@
 # p50/p90/p99/max µs and lost. Rounds interleave the waits so slow drifts of the host hit all.
 #
 # Usage: perf/batch-wait.sh DIR [--runs N] [--rate QPS] [--seconds S] [--waits LIST]
-#                           [--io uring|epoll] [BIN]
+#                           [--io uring|epoll] [--addresses 1|2] [BIN]
 #   DIR     a temp dir kept by `perf/run.sh --keep` (zones, knot.conf, hot.txt)
 #   --runs  rounds (default 3); --rate (default 20000); --seconds per point (default 5)
 #   --waits comma-separated batch_wait values (default 0s,50us,100us,200us,400us,1ms)
 #   --io    the worker's backend (default uring)
+#   --addresses  listen addresses (default 1); with 2 (127.0.0.2 and 127.0.0.3, as a node's
+#           link-local IP and ClusterIP) two loadgens send half the rate each
 #   BIN     the ringdns binary (default target/release/ringdns)
 # Needs root (unshare -n).
 set -euo pipefail
@@ -33,6 +35,7 @@ seconds=5
 waits=0s,50us,100us,200us,400us,1ms
 binary="$repo/target/release/ringdns"
 io=uring
+addresses=1
 while (($#)); do
     case "$1" in
         --runs) runs="$2"; shift ;;
@@ -40,6 +43,7 @@ while (($#)); do
         --seconds) seconds="$2"; shift ;;
         --waits) waits="$2"; shift ;;
         --io) io="$2"; shift ;;
+        --addresses) addresses="$2"; shift ;;
         *) binary="$1" ;;
     esac
     shift
@@ -48,6 +52,9 @@ done
 [[ $runs =~ ^[1-9][0-9]?$ && $rate =~ ^[1-9][0-9]*$ && $seconds =~ ^[1-9][0-9]?$ ]] ||
     die "--runs 1..99, --rate a positive integer, --seconds 1..99"
 [[ $io == uring || $io == epoll ]] || die "--io needs uring or epoll"
+[[ $addresses == 1 || $addresses == 2 ]] || die "--addresses needs 1 or 2"
+listen='"127.0.0.2:53"'
+((addresses == 2)) && listen+=', "127.0.0.3:53"'
 IFS=, read -r -a wait_list <<<"$waits"
 command -v jq >/dev/null || die "needs jq"
 ab_setup ringdns-batch-wait
@@ -55,7 +62,7 @@ ab_setup ringdns-batch-wait
 config() {
     cat >"$work/ringdns.toml" <<EOF
 [server]
-listen = ["127.0.0.2:53"]
+listen = [$listen]
 workers = 1
 io = "$io"
 batch_wait = "$1"
@@ -86,7 +93,7 @@ for _ in 1 2; do
 done
 hz=$(getconf CLK_TCK)
 queries=$((rate * seconds))
-echo "binary=$binary io=$io rate=$rate seconds=$seconds runs=$runs waits=$waits nproc=$(nproc) kernel=$(uname -r)"
+echo "binary=$binary io=$io addresses=$addresses rate=$rate seconds=$seconds runs=$runs waits=$waits nproc=$(nproc) kernel=$(uname -r)"
 for ((run = 1; run <= runs; run++)); do
     for wait in "${wait_list[@]}"; do
         reloads=$(grep -c "reload applied" "$work/ringdns.log" || true)
@@ -99,13 +106,19 @@ for ((run = 1; run <= runs; run++)); do
         (($(grep -c "reload applied" "$work/ringdns.log" || true) > reloads)) ||
             { cat "$work/ringdns.log" >&2; die "reload to batch_wait=$wait not applied"; }
         t0=$(ticks "$server"); n0=$(on_cpu_ns "$server")
-        timeout 120 "$loadgen" --server 127.0.0.2:53 --cpu 0 --json --queries "$dir/hot.txt" \
-            --rate "$rate" --duration "$seconds" --max-queries "$queries" >"$work/lg.json" 2>/dev/null ||
-            die "loadgen failed at batch_wait=$wait"
+        pids=()
+        for ((a = 1; a <= addresses; a++)); do
+            timeout 120 "$loadgen" --server "127.0.0.$((a + 1)):53" --cpu 0 --json --queries "$dir/hot.txt" \
+                --rate $((rate / addresses)) --duration "$seconds" --max-queries $((queries / addresses)) \
+                >"$work/lg$a.json" 2>/dev/null &
+            pids+=($!)
+        done
+        for pid in "${pids[@]}"; do wait "$pid" || die "loadgen failed at batch_wait=$wait"; done
         t1=$(ticks "$server"); n1=$(on_cpu_ns "$server")
-        jq -r --arg wait "$wait" --argjson run "$run" --argjson t $((t1 - t0)) --argjson n $((n1 - n0)) \
-            --argjson hz "$hz" '"run \($run) batch_wait=\($wait): answered=\(.answered)/\(.sent) lost=\(.lost) cpu_us/answer ticks=\($t / $hz * 1e6 / .answered * 100 | round / 100) schedstat=\($n / 1e3 / .answered * 100 | round / 100) p50/p90/p99/max_us=\(.p50_us)/\(.p90_us)/\(.p99_us)/\(.max_us)"' \
-            "$work/lg.json"
+        # One line per point: CPU over every answer; latency per address (127.0.0.2, then .3).
+        jq -rs --arg wait "$wait" --argjson run "$run" --argjson t $((t1 - t0)) --argjson n $((n1 - n0)) \
+            --argjson hz "$hz" '(map(.answered) | add) as $a | "run \($run) batch_wait=\($wait): answered=\($a)/\(map(.sent) | add) lost=\(map(.lost) | add) cpu_us/answer ticks=\($t / $hz * 1e6 / $a * 100 | round / 100) schedstat=\($n / 1e3 / $a * 100 | round / 100) p50/p90/p99/max_us=\(map("\(.p50_us)/\(.p90_us)/\(.p99_us)/\(.max_us)") | join(" "))"' \
+            "$work"/lg[0-9].json
     done
 done
 stop_pid "$server"

@@ -113,7 +113,7 @@ pub struct Serving {
 pub struct Reload {
     /// DNS settings (cache limits, payload size, miss deadline).
     pub settings: Settings,
-    /// TCP limits and the io_uring batch wait.
+    /// TCP limits and the batch wait.
     pub serving: Serving,
     /// New counters laid out for new listen addresses or zones (`None`: keep the current ones).
     pub stats: Option<Arc<WorkerStats>>,
@@ -144,7 +144,7 @@ pub struct WorkerSetup {
     pub tcp: Vec<Option<TcpListener>>,
     /// DNS settings.
     pub settings: Settings,
-    /// TCP limits and the io_uring batch wait.
+    /// TCP limits and the batch wait.
     pub serving: Serving,
     /// To the control side.
     pub control: ControlLink,
@@ -283,7 +283,7 @@ pub(crate) struct Shared {
     tcp: HashMap<u64, tcp::TcpConn>,
     /// Last connection number handed out.
     next_conn: u64,
-    /// TCP limits and the io_uring batch wait.
+    /// TCP limits and the batch wait.
     serving: Serving,
     /// Whether the batch wait pays at the current rate.
     pace: Pace,
@@ -306,6 +306,9 @@ pub(crate) struct Shared {
     /// The eventfd the control side writes when it queued replies or commands: the epoll
     /// backend's batch wait ends early on it (`udp.rs`).
     wake: Arc<EventFd>,
+    /// An answer was queued for a TCP connection since the epoll receive loops last looked:
+    /// its writer task runs only once they give tokio the thread back.
+    tcp_waiting: bool,
 }
 
 /// Where a worker's misses go: its own UDP exchanges on the ring, or the control side.
@@ -349,7 +352,7 @@ impl Shared {
             upstream,
             ..
         } = self;
-        forward(handler, udp, tcp, out, stats, upstream, now);
+        self.tcp_waiting |= forward(handler, udp, tcp, out, stats, upstream, now);
         udp.flush();
     }
 
@@ -363,9 +366,10 @@ impl Shared {
             tcp,
             out,
             stats,
+            tcp_waiting,
             ..
         } = self;
-        let _ = deliver(handler, udp, tcp, out, stats, reply, now);
+        *tcp_waiting |= deliver(handler, udp, tcp, out, stats, reply, now);
     }
 
     /// Answers SERVFAIL to clients whose miss has outlived its deadline.
@@ -382,6 +386,33 @@ impl Shared {
             send_parked(udp, tcp, stats, origin, bytes);
         });
         udp.flush();
+    }
+
+    /// Whether an epoll receive loop may sleep for its batch wait now: not while an answer
+    /// waits for a TCP writer task (the loop yields once more instead, so that it runs).
+    fn may_nap(&mut self) -> bool {
+        !std::mem::take(&mut self.tcp_waiting)
+    }
+
+    /// The epoll socket at `index` if its receive loop runs (not removed by a reload, not
+    /// stopped for a hand-over).
+    fn live_epoll_socket(&self, index: u16) -> Option<Rc<tokio::net::UdpSocket>> {
+        let Udp::Epoll(epoll) = &self.udp else {
+            return None;
+        };
+        let index = usize::from(index);
+        if !self.udp_tasks.get(index).is_some_and(Option::is_some) {
+            return None;
+        }
+        epoll.sockets().get(index).cloned().flatten()
+    }
+
+    /// How many socket indices the epoll backend has (removed ones included).
+    fn epoll_sockets(&self) -> usize {
+        match &self.udp {
+            Udp::Epoll(epoll) => epoll.sockets().len(),
+            Udp::Uring(_) => 0,
+        }
     }
 }
 
@@ -594,6 +625,7 @@ async fn serve(setup: WorkerSetup) -> io::Result<()> {
         },
         replies: replies.clone(),
         wake: wake.clone(),
+        tcp_waiting: false,
     }));
     let (ring_events, epoll_sockets) = match &shared.borrow().udp {
         Udp::Epoll(epoll) => (None, epoll.sockets().to_vec()),

@@ -1,6 +1,7 @@
-//! Whether an io_uring worker's batch wait (`server.batch_wait`) pays at the current rate.
+//! Whether a worker's batch wait (`server.batch_wait`) pays at the current rate.
 //!
-//! Runs on: worker threads (the io_uring loop). Sans-IO: the caller passes the clock.
+//! Runs on: worker threads (the io_uring loop, the epoll receive loops). Sans-IO: the caller
+//! passes the clock.
 //!
 //! After a batch the worker may wait in the kernel for more datagrams, so that one wake-up
 //! serves several queries. That only pays when more are likely to come within the wait: at a

@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
+use std::os::fd::AsFd as _;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -88,20 +88,15 @@ impl EpollUdp {
 /// by every datagram. The sleep blocks the worker's thread, as the io_uring wait does its ring:
 /// the worker's other tasks (TCP, the control loop) run before each sleep. It ends early when
 /// the control side writes the worker's eventfd: answers of misses should not wait for the
-/// rest of it, and closed-loop clients send nothing new until answered. Each listen socket has
-/// its own loop, so with traffic on two of them each sleep is followed by the other's.
-/// Datagrams after a sleep are read through a duplicate of the socket's descriptor: tokio's
-/// own receive trusts its readiness flag, which it cleared when the socket ran dry and sets
-/// again only once the worker is back in epoll.
+/// rest of it, and closed-loop clients send nothing new until answered. It is skipped once
+/// when an answer waits for a TCP connection's writer task. After a sleep the loop reads every
+/// listen socket, not only its own: another socket's loop may not get its turn from tokio
+/// before this one sleeps again (measured: a second listen address waited two sleeps). Reads
+/// after a sleep go to the sockets directly: tokio's own receive trusts its readiness flag,
+/// which it cleared when a socket ran dry and sets again only once the worker is back in epoll.
 pub(super) async fn receive_loop(shared: Rc<RefCell<Shared>>, socket: Rc<UdpSocket>, index: u16) {
     // One byte more than QUERY_MAX: a datagram that fills it was longer (the kernel cut it).
     let mut query = vec![0u8; QUERY_MAX + 1];
-    // Without a duplicate (out of descriptors) the loop just never waits.
-    let direct = socket
-        .as_fd()
-        .try_clone_to_owned()
-        .map(std::net::UdpSocket::from)
-        .ok();
     let wake = shared.borrow().wake.clone();
     loop {
         if socket.readable().await.is_err() {
@@ -112,34 +107,61 @@ pub(super) async fn receive_loop(shared: Rc<RefCell<Shared>>, socket: Rc<UdpSock
         });
         loop {
             tokio::task::yield_now().await;
-            let wait = match (&direct, batch) {
-                // More may be queued: read on (through tokio while its flag is still set).
-                (_, Batch::Full) => Duration::ZERO,
-                (Some(_), Batch::Drained { received }) if received > 0 => {
-                    let mut state = shared.borrow_mut();
-                    let Shared {
-                        pace,
-                        serving,
-                        received: total,
-                        ..
-                    } = &mut *state;
-                    let wait = pace.wait(*total, Instant::now(), serving.batch_wait);
-                    if wait.is_zero() {
-                        break;
+            match batch {
+                // More may be queued: read on at once.
+                Batch::Full => {}
+                Batch::Drained { received: 0 } => break,
+                Batch::Drained { .. } => {
+                    let wait = {
+                        let mut state = shared.borrow_mut();
+                        let Shared {
+                            pace,
+                            serving,
+                            received,
+                            ..
+                        } = &mut *state;
+                        let wait = pace.wait(*received, Instant::now(), serving.batch_wait);
+                        if wait.is_zero() {
+                            break;
+                        }
+                        state.may_nap().then_some(wait)
+                    };
+                    if let Some(wait) = wait {
+                        nap(&wake, wait);
+                        read_others(&shared, index, &mut query);
                     }
-                    wait
                 }
-                _ => break,
-            };
-            let Some(direct) = &direct else { break };
-            if !wait.is_zero() {
-                nap(&wake, wait);
             }
             batch = receive_batch(&shared, &socket, index, &mut query, |buf| {
-                direct.recv_from(buf)
+                recv_direct(&socket, buf)
             });
         }
     }
+}
+
+/// After a sleep, one batch from every other listen socket whose loop runs.
+fn read_others(shared: &RefCell<Shared>, index: u16, query: &mut [u8]) {
+    let count = shared.borrow().epoll_sockets();
+    for other in (0..count).filter_map(|other| u16::try_from(other).ok()) {
+        if other == index {
+            continue;
+        }
+        let Some(socket) = shared.borrow().live_epoll_socket(other) else {
+            continue;
+        };
+        receive_batch(shared, &socket, other, query, |buf| {
+            recv_direct(&socket, buf)
+        });
+    }
+}
+
+/// One datagram from `socket` by `recvfrom(2)` itself, whatever tokio's readiness flag says.
+fn recv_direct(socket: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+    let (len, _, from) = rustix::net::recvfrom(socket, buf, rustix::net::RecvFlags::empty())?;
+    let peer = from
+        .and_then(|from| SocketAddr::try_from(from).ok())
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidData))?;
+    Ok((len, peer))
 }
 
 /// Sleeps up to `wait`, or until `wake` is written (or already was, and not yet read).

@@ -47,6 +47,21 @@ impl Run {
             })
             .sum()
     }
+
+    /// Its "Average Latency (s):" figure (`Average Latency (s):  0.000565 (min 0.000021, max
+    /// 0.004193)`), in seconds.
+    pub fn average_latency(&self) -> anyhow::Result<f64> {
+        let line = self
+            .stdout
+            .lines()
+            .find_map(|line| line.trim_start().strip_prefix("Average Latency (s):"))
+            .with_context(|| format!("no average latency in dnsperf output:\n{}", self.stdout))?;
+        let seconds = line
+            .split_whitespace()
+            .next()
+            .with_context(|| format!("average latency {line:?}"))?;
+        Ok(seconds.parse()?)
+    }
 }
 
 /// Whether dnsperf is installed.

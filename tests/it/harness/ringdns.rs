@@ -528,20 +528,26 @@ impl Ringdns {
     pub fn worker_voluntary_switches(&self) -> anyhow::Result<u64> {
         let child = self.child.as_ref().context("ringdns already stopped")?;
         let mut total = 0;
+        let mut workers = 0;
         for task in std::fs::read_dir(format!("/proc/{}/task", child.id()))? {
             let tid = task?.file_name();
-            let tid = tid.to_string_lossy();
-            let Some(name) = self.proc_field(&format!("task/{tid}/status"), "Name")? else {
-                continue;
+            let status = format!("task/{}/status", tid.to_string_lossy());
+            // Other threads (io_uring's `iou-wrk-*`) come and go meanwhile.
+            let name = match self.proc_field(&status, "Name") {
+                Ok(name) => name,
+                Err(error) if is_not_found(&error) => continue,
+                Err(error) => return Err(error),
             };
-            if !name.starts_with("ringdns-w") {
+            if !name.is_some_and(|name| name.starts_with("ringdns-w")) {
                 continue;
             }
             let switches = self
-                .proc_field(&format!("task/{tid}/status"), "voluntary_ctxt_switches")?
+                .proc_field(&status, "voluntary_ctxt_switches")?
                 .context("voluntary_ctxt_switches in /proc/PID/task/TID/status")?;
             total += switches.parse::<u64>()?;
+            workers += 1;
         }
+        anyhow::ensure!(workers > 0, "no ringdns-w* thread in /proc/PID/task");
         Ok(total)
     }
 
@@ -609,4 +615,11 @@ impl Drop for Ringdns {
 /// Runs `ringdns ARGS…` to completion (bounded), e.g. `check --config PATH` or `--version`.
 pub fn run_cli(args: &[&str]) -> anyhow::Result<std::process::Output> {
     super::run_bounded(Command::new(BINARY).args(args), Duration::from_secs(10))
+}
+
+/// Whether `error` is a file that does not exist (any more).
+fn is_not_found(error: &anyhow::Error) -> bool {
+    error
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|error| error.kind() == std::io::ErrorKind::NotFound)
 }
