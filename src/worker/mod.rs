@@ -287,9 +287,6 @@ pub(crate) struct Shared {
     serving: Serving,
     /// Whether the batch wait pays at the current rate.
     pace: Pace,
-    /// Client datagrams the epoll backend has read (its rate drives `pace`; io_uring counts
-    /// its own).
-    received: u64,
     /// Scratch for replies (TCP-sized).
     out: Box<[u8]>,
     /// Counters.
@@ -405,14 +402,6 @@ impl Shared {
             return None;
         }
         epoll.sockets().get(index).cloned().flatten()
-    }
-
-    /// How many socket indices the epoll backend has (removed ones included).
-    fn epoll_sockets(&self) -> usize {
-        match &self.udp {
-            Udp::Epoll(epoll) => epoll.sockets().len(),
-            Udp::Uring(_) => 0,
-        }
     }
 }
 
@@ -609,7 +598,6 @@ async fn serve(setup: WorkerSetup) -> io::Result<()> {
         next_conn: 0,
         serving,
         pace: Pace::new(Instant::now(), 0),
-        received: 0,
         out: vec![0u8; TCP_MESSAGE_MAX].into_boxed_slice(),
         stats,
         udp_tasks: Vec::new(),

@@ -114,13 +114,10 @@ pub(super) async fn receive_loop(shared: Rc<RefCell<Shared>>, socket: Rc<UdpSock
                 Batch::Drained { .. } => {
                     let wait = {
                         let mut state = shared.borrow_mut();
-                        let Shared {
-                            pace,
-                            serving,
-                            received,
-                            ..
-                        } = &mut *state;
-                        let wait = pace.wait(*received, Instant::now(), serving.batch_wait);
+                        // The epoll loops' client datagrams (io_uring counts its own).
+                        let received = state.stats.read(Counter::UdpQueries);
+                        let batch_wait = state.serving.batch_wait;
+                        let wait = state.pace.wait(received, Instant::now(), batch_wait);
                         if wait.is_zero() {
                             break;
                         }
@@ -141,7 +138,8 @@ pub(super) async fn receive_loop(shared: Rc<RefCell<Shared>>, socket: Rc<UdpSock
 
 /// After a sleep, one batch from every other listen socket whose loop runs.
 fn read_others(shared: &RefCell<Shared>, index: u16, query: &mut [u8]) {
-    let count = shared.borrow().epoll_sockets();
+    // A socket with a running loop has a task slot; removed ones stay as `None` slots.
+    let count = shared.borrow().udp_tasks.len();
     for other in (0..count).filter_map(|other| u16::try_from(other).ok()) {
         if other == index {
             continue;
@@ -211,10 +209,8 @@ fn receive_batch(
             handler,
             out,
             stats,
-            received,
             ..
         } = &mut *state;
-        *received += 1;
         let read = query.get(..len.min(QUERY_MAX)).unwrap_or_default();
         let action = if len > QUERY_MAX {
             handler.handle_too_long(read, &mut out[..])
