@@ -4,7 +4,8 @@
 //! Runs on: libtest threads, each in its own network namespace, on both I/O backends.
 //!
 //! Timing: dnsperf paces the load (bounded in time and count); the asserts compare counts of
-//! the worker's sleeps within one test, never speed.
+//! the worker's sleeps, and average latencies as a ratio, within one test, never a time
+//! against a limit.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
